@@ -38,9 +38,11 @@ def meta_file_name(category: str) -> str:
 
 
 def load(category: str = "Beauty", path: str | Path | None = None, cache_dir: str | Path | None = None,
-         base_url: str = DEFAULT_BASE_URL, download_meta: bool = True) -> RawData:
+         base_url: str = DEFAULT_BASE_URL, download_meta: bool = True,
+         checksums: dict[str, str] | None = None) -> RawData:
     """Read one category. ``path``: a folder holding the files or the review file itself;
-    without it the files are downloaded into ``cache_dir/raw/amazon2014``."""
+    without it the files are downloaded into ``cache_dir/raw/amazon2014``. ``checksums``:
+    file name -> sha256, verified after download (upstream publishes none, so none by default)."""
     notes: list[str] = []
     if path is not None:
         path = Path(path)
@@ -52,8 +54,13 @@ def load(category: str = "Beauty", path: str | Path | None = None, cache_dir: st
     else:
         folder = Path(cache_dir or default_cache_dir()) / "raw" / "amazon2014"
         url = base_url.rstrip("/") + "/"
-        reviews = fetch(url + review_file_name(category), folder / review_file_name(category))
-        meta = fetch(url + meta_file_name(category), folder / meta_file_name(category)) if download_meta else None
+        checksums = checksums or {}
+
+        def get(name: str) -> Path:
+            return fetch(url + name, folder / name, sha256=checksums.get(name))
+
+        reviews = get(review_file_name(category))
+        meta = get(meta_file_name(category)) if download_meta else None
 
     events = read_reviews(reviews)
     if meta is None:

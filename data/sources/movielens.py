@@ -27,15 +27,17 @@ _ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "
 
 
 def load(version: str = "1m", path: str | Path | None = None, cache_dir: str | Path | None = None,
-         base_url: str = DEFAULT_BASE_URL, min_rating: float | None = None) -> RawData:
+         base_url: str = DEFAULT_BASE_URL, min_rating: float | None = None,
+         sha256: str | None = None) -> RawData:
     """Read one MovieLens release. ``path``: the unzipped folder (or the zip); without it the
-    zip is downloaded and unpacked into ``cache_dir/raw/movielens``. ``min_rating`` keeps only
-    ratings >= it (None: every rating is an interaction)."""
+    zip is downloaded and unpacked into ``cache_dir/raw/movielens`` (``sha256``: the zip's
+    digest, verified when given). ``min_rating`` keeps only ratings >= it (None: every rating
+    is an interaction)."""
     version = version.lower().removeprefix("ml-")
     if version not in LAYOUTS:
         raise ValueError(f"unknown MovieLens version {version!r}; choose one of {sorted(LAYOUTS)}")
     if path is None:
-        folder = download(version, Path(cache_dir or default_cache_dir()) / "raw" / "movielens", base_url)
+        folder = download(version, Path(cache_dir or default_cache_dir()) / "raw" / "movielens", base_url, sha256)
     else:
         path = Path(path)
         folder = unzip(path, path.parent) if path.suffix == ".zip" else path
@@ -54,13 +56,17 @@ def load(version: str = "1m", path: str | Path | None = None, cache_dir: str | P
     return RawData(name=f"movielens-{version}", events=events, items=conform_items(items), files=files)
 
 
-def download(version: str, dest_root: Path, base_url: str = DEFAULT_BASE_URL) -> Path:
+def download(version: str, dest_root: Path, base_url: str = DEFAULT_BASE_URL, sha256: str | None = None) -> Path:
     name = f"ml-{version}"
     folder = dest_root / name
     if folder.is_dir():  # only ever created by an atomic rename of a fully extracted zip
         return folder
-    archive = fetch(base_url.rstrip("/") + f"/{name}.zip", dest_root / f"{name}.zip")
-    return unzip(archive, dest_root)
+    archive = fetch(base_url.rstrip("/") + f"/{name}.zip", dest_root / f"{name}.zip", sha256=sha256)
+    try:
+        return unzip(archive, dest_root)
+    except DownloadError:
+        archive.unlink(missing_ok=True)  # a corrupt archive must not be trusted next time
+        raise
 
 
 def unzip(archive: Path, dest_root: Path) -> Path:

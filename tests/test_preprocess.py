@@ -1,0 +1,141 @@
+"""Preprocessing and splits: property tests against naive Python references, and the k-core
+and leave-one-out invariants on real MovieLens data."""
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from data.dataset import SeqDataset, load_tables, save_tables
+from data.prepare import load_dataset
+from data.preprocess import PreprocessOptions, k_core, preprocess
+from data.sources import movielens
+from data.sources.base import RawData, empty_items
+
+
+def naive_k_core(pairs: list[tuple[str, str]], k: int) -> set[tuple[str, str]]:
+    """Remove one under-threshold user or item at a time until none is left."""
+    rows = set(pairs)
+    while True:
+        users, items = {}, {}
+        for u, i in rows:
+            users[u] = users.get(u, 0) + 1
+            items[i] = items.get(i, 0) + 1
+        bad = next(((0, u) for u, c in users.items() if c < k), None) or \
+            next(((1, i) for i, c in items.items() if c < k), None)
+        if bad is None:
+            return rows
+        rows = {r for r in rows if r[bad[0]] != bad[1]}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 9)), max_size=150, unique=True), st.integers(1, 4))
+def test_k_core_matches_naive(pairs, k):
+    pairs = [(f"u{u}", f"i{i}") for u, i in pairs]
+    df = pl.DataFrame({"user": [u for u, _ in pairs], "item": [i for _, i in pairs]},
+                      schema={"user": pl.String, "item": pl.String})
+    got = set(zip(*k_core(df, k).select("user", "item").to_dict(as_series=False).values()))
+    assert got == naive_k_core(pairs, k)
+
+
+def _raw(seqs: list[list[int]]) -> RawData:
+    users, items, ts = [], [], []
+    for u, seq in enumerate(seqs):
+        users += [str(u)] * len(seq)
+        items += [str(i) for i in seq]
+        ts += list(range(len(seq)))
+    events = pl.DataFrame({"user": users, "item": items, "timestamp": ts}).with_columns(
+        pl.col("timestamp").cast(pl.Int64), pl.int_range(pl.len(), dtype=pl.Int64).alias("order"))
+    return RawData(name="toy", events=events, items=empty_items())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 30), min_size=3, max_size=12, unique=True), min_size=1, max_size=15),
+       st.integers(1, 6))
+def test_splits_match_naive(seqs, max_history):
+    ds = SeqDataset.from_tables("toy", preprocess(_raw(seqs), PreprocessOptions(min_count=1)), max_history)
+    expect_train = []
+    for u in range(ds.num_users):
+        s = ds.sequence(u).tolist()
+        train = s[:-2]
+        for t in range(1, len(train)):
+            expect_train.append((u, train[max(0, t - max_history): t], train[t]))
+    ex = ds.train_examples()
+    got = [(int(u), [int(x) for x in h if x >= 0], int(t)) for u, h, t in zip(ex.user, ex.history, ex.target)]
+    assert got == expect_train
+    for split, back in (("valid", 2), ("test", 1)):
+        ev = ds.eval_examples(split)
+        for u in range(ds.num_users):
+            s = ds.sequence(u).tolist()
+            assert ev.target[u] == s[-back]
+            hist = [int(x) for x in ev.history[u] if x >= 0]
+            assert hist == s[:-back][-max_history:]
+            assert (ev.history[u][len(hist):] == -1).all()  # padding only at the end
+
+
+@pytest.mark.parametrize("version,folder", [("100k", "ml-100k"), ("latest-small", "ml-latest-small")])
+def test_movielens_k_core_and_split_invariants(shared_data, version, folder):
+    raw = movielens.load(version, path=shared_data / "movielens" / folder)
+    tables = preprocess(raw, PreprocessOptions(min_count=5))
+    ds = SeqDataset.from_tables(version, tables, max_history=20)
+    item_counts = np.bincount(ds.flat, minlength=ds.num_items)
+    assert item_counts.min() >= 5 and ds.lengths.min() >= 5  # the k-core invariant
+    assert tables.items["item_id"].to_list() == list(range(ds.num_items))
+    assert ds.num_users == raw.events["user"].n_unique()  # MovieLens users all have >= 20 ratings
+    # time order within each user, ties in file order
+    ev = raw.events.with_columns(pl.col("user").cast(pl.String), pl.col("item").cast(pl.String))
+    u0 = ds.raw_users[0]
+    expect = ev.filter(pl.col("user") == u0).sort("timestamp", "order")["item"].to_list()
+    kept = set(tables.items["raw_id"].to_list())
+    raw_of = tables.items["raw_id"].to_list()
+    assert [raw_of[i] for i in ds.sequence(0)] == [i for i in expect if i in kept]
+    test, valid, train = ds.eval_examples("test"), ds.eval_examples("valid"), ds.train_examples()
+    assert len(test) == len(valid) == ds.num_users
+    assert (test.target == ds.flat[ds.offsets[1:] - 1]).all()
+    assert (valid.target == ds.flat[ds.offsets[1:] - 2]).all()
+    # the valid target is the last history item of the test example; no train target is a valid/test one
+    last = (test.history >= 0).sum(1) - 1
+    assert (test.history[np.arange(len(test)), last] == valid.target).all()
+    assert len(train) == int((ds.lengths - 3).sum())
+
+
+def test_load_dataset_caches_atomically(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sequential_data.txt").write_text("1 1 2 3 4\n2 2 3 4 1\n3 1 3 4\n9 1 2\n")
+    ds = load_dataset("p5", path=str(tmp_path / "data"), min_count=1, cache_dir=str(tmp_path / "cache"),
+                      verbose=False)
+    assert (ds.num_users, ds.num_items) == (3, 4)
+    assert load_tables(ds.path) is not None
+    # a corrupt cache (e.g. a truncated parquet) is not reused but rebuilt
+    (ds.path / "items.parquet").write_bytes(b"garbage")
+    again = load_dataset("p5", path=str(tmp_path / "data"), min_count=1, cache_dir=str(tmp_path / "cache"),
+                         verbose=False)
+    assert again.num_items == 4 and load_tables(again.path) is not None
+    # a changed input file gives a different cache folder
+    import os
+    import time
+    (tmp_path / "data" / "sequential_data.txt").write_text("1 1 2 3 4\n2 2 3 4 1\n")
+    os.utime(tmp_path / "data" / "sequential_data.txt", (time.time() + 5, time.time() + 5))
+    changed = load_dataset("p5", path=str(tmp_path / "data"), min_count=1, cache_dir=str(tmp_path / "cache"),
+                           verbose=False)
+    assert changed.path != ds.path and changed.num_users == 2
+    leftovers = [p.name for p in (tmp_path / "cache" / "processed").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_save_tables_never_exposes_partial_folder(tmp_path, monkeypatch):
+    tables = preprocess(_raw([[1, 2, 3], [2, 3, 4]]), PreprocessOptions(min_count=1))
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", boom)
+    with pytest.raises(OSError):
+        save_tables(tables, tmp_path / "ds")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_history_is_rejected():
+    with pytest.raises(ValueError, match="nothing is left"):
+        preprocess(_raw([[1, 2]]), PreprocessOptions(min_count=1))
