@@ -1,0 +1,243 @@
+"""What every train script shares: gin CLI, seeding, batches, optimiser + schedule,
+atomic checkpoints with the resolved config inside, and a W&B logger with a no-op twin.
+
+Exact resume: batch order is a pure function of (seed, epoch), and the checkpoint holds the
+model, optimiser, scheduler, step and every RNG state, so a run restarted from a checkpoint
+takes the same batches and draws the same dropout masks as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import gin
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------- gin CLI
+
+
+def parse_gin_cli(argv: list[str] | None, description: str = "") -> argparse.Namespace:
+    """``script.py a.gin b.gin --gin 'f.x = 1' --gin ...`` -> parsed and applied to gin."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("configs", nargs="*", help=".gin files, applied in order")
+    ap.add_argument("--gin", action="append", default=[], metavar="BINDING",
+                    help="a gin binding applied after the files, e.g. --gin 'train.max_steps = 10'")
+    args = ap.parse_args(argv)
+    for path in args.configs:
+        if not Path(path).is_file():
+            ap.error(f"config file not found: {path}")
+    try:
+        gin.parse_config_files_and_bindings(args.configs, args.gin)
+    except Exception as e:  # noqa: BLE001 - gin raises ValueError, SyntaxError or tokenize errors
+        where = ", ".join(args.configs + [f"--gin {b!r}" for b in args.gin])
+        raise SystemExit(f"error in gin config ({where}):\n  {e}") from None
+    return args
+
+
+def resolved_config() -> str:
+    """The full gin configuration in force (saved in checkpoints and W&B runs)."""
+    return gin.config_str()
+
+
+def print_result(result: dict) -> None:
+    """The last stdout line of every script: one JSON object."""
+    sys.stdout.flush()
+    print(json.dumps(result, default=float), flush=True)
+
+
+# ----------------------------------------------------------------------------- seeding / device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch, a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0,
+                  drop_last: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Endless ``(step, epoch, indices)`` from global step ``start_step`` on (resume-safe)."""
+    per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the {n} training examples (drop_last)")
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        order = epoch_order(n, seed, epoch)
+        for b in range(offset, per_epoch):
+            yield step, epoch, order[b * batch_size: (b + 1) * batch_size]
+            step += 1
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW; matrices decay, biases / norms / 1-d parameters do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """Linear warm-up to the base lr, then cosine decay to ``min_ratio`` x base at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None, step: int,
+                    extra: dict | None = None) -> Path:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "step": step,
+        "rng": rng_state(),
+        "config": resolved_config(),
+        "extra": extra or {},
+    }
+    return atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    restore_rng: bool = True) -> dict:
+    """Load a checkpoint into the given objects; returns the whole dict (step, extra, config)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise RuntimeError(f"{path}: cannot read checkpoint ({e}); delete it to start over") from e
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise RuntimeError(f"{path}: checkpoint does not match the model built from the current config:\n{e}") from e
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return state
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class NoOpLogger:
+    """Stands in for W&B when it is off: same methods, does nothing."""
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        pass
+
+    def log_image(self, key: str, path: str | Path, step: int | None = None) -> None:
+        pass
+
+    def summary(self, metrics: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger(NoOpLogger):
+    def __init__(self, project: str, name: str | None, config: dict, mode: str, directory: str | Path,
+                 resume_id: str | None = None):
+        import wandb
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self._wandb = wandb
+        self.run = wandb.init(project=project, name=name, config=config, mode=mode, dir=str(directory),
+                              id=resume_id, resume="allow" if resume_id else None)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_image(self, key: str, path: str | Path, step: int | None = None) -> None:
+        self.run.log({key: self._wandb.Image(str(path))}, step=step)
+
+    def summary(self, metrics: dict) -> None:
+        self.run.summary.update(metrics)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def make_logger(wandb_mode: str, project: str, name: str | None, directory: str | Path,
+                resume_id: str | None = None) -> NoOpLogger:
+    """``wandb_mode``: "disabled" (no-op), "offline" (default: local files, sync later) or "online"."""
+    if wandb_mode not in ("disabled", "offline", "online"):
+        raise ValueError(f"wandb_mode must be disabled, offline or online, got {wandb_mode!r}")
+    if wandb_mode == "disabled":
+        return NoOpLogger()
+    return WandbLogger(project, name, {"gin": resolved_config()}, wandb_mode, directory, resume_id)
