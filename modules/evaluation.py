@@ -1,0 +1,169 @@
+"""Top-k ranking metrics shared by all recommenders, and the popularity baseline.
+
+One relevant item per user (next-item prediction): Recall@k is 1 when the target is among the
+first k ranked items, NDCG@k is 1 / log2(rank + 2) for its 0-based rank < k (the ideal DCG is
+1). ``-1`` in a ranking means "no item" and never hits. If a ranking repeats the target, its
+first position counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_KS = (1, 5, 10)
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive cut-offs, got {ks}")
+    return ks
+
+
+def _as_long(x, name: str, device: torch.device | None = None) -> torch.Tensor:
+    t = torch.from_numpy(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        # Scores passed where item_ids belong would "work" silently otherwise.
+        raise ValueError(f"{name} must hold integer item_ids, got dtype {t.dtype}")
+    return t.to(device=device if device is not None else t.device, dtype=torch.long)
+
+
+def _metric_sums(ranked, target, ks: tuple[int, ...]) -> tuple[list[float], int]:
+    """Per-metric sums over users (order: recall@k, ndcg@k for each k) and the user count."""
+    ranked = _as_long(ranked, "ranked")
+    target = _as_long(target, "target", ranked.device)
+    if ranked.ndim != 2:
+        raise ValueError(f"ranked must be (n, K), got shape {tuple(ranked.shape)}")
+    if target.ndim != 1 or target.shape[0] != ranked.shape[0]:
+        raise ValueError(
+            f"target must be (n,) = ({ranked.shape[0]},), got shape {tuple(target.shape)}"
+        )
+    n, width = ranked.shape
+    if n == 0:
+        raise ValueError("no users to evaluate (n == 0)")
+    max_k = max(ks)
+    if width < max_k:
+        raise ValueError(f"ranked has K={width} columns, fewer than max(ks)={max_k}")
+    if (target < 0).any():
+        bad = int(torch.nonzero(target < 0)[0, 0])
+        raise ValueError(f"target[{bad}] = {int(target[bad])}: targets must be item_ids >= 0")
+
+    hits = ranked[:, :max_k] == target[:, None]  # target >= 0, so -1 entries never hit
+    found = hits.any(dim=1)
+    # argmax returns the first maximum: the first position of the target.
+    rank = torch.where(found, hits.to(torch.uint8).argmax(dim=1), max_k)
+    gain = 1.0 / torch.log2(rank.to(torch.float64) + 2.0)
+    cols = []
+    for k in ks:
+        within = rank < k
+        cols.append(within.to(torch.float64))
+        cols.append(torch.where(within, gain, 0.0))
+    sums = torch.stack(cols, dim=1).sum(dim=0)
+    return sums.tolist(), n  # one device sync for all metrics
+
+
+def _keys(ks: tuple[int, ...]) -> list[str]:
+    return [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")]
+
+
+def ranking_metrics(
+    ranked: torch.Tensor | np.ndarray, target, ks: Sequence[int] = DEFAULT_KS
+) -> dict[str, float]:
+    """Mean Recall@k and NDCG@k over users for rankings ``ranked`` (n, K) of item_ids."""
+    ks = _check_ks(ks)
+    sums, n = _metric_sums(ranked, target, ks)
+    return {key: s / n for key, s in zip(_keys(ks), sums)}
+
+
+class MetricAccumulator:
+    """Streams :func:`ranking_metrics` over batches: ``update`` per batch, ``compute`` at the end.
+
+    Sums are kept in float64 so the result equals the one-shot mean up to rounding.
+    """
+
+    def __init__(self, ks: Sequence[int] = DEFAULT_KS):
+        self.ks = _check_ks(ks)
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums = [0.0] * (2 * len(self.ks))
+        self.count = 0
+
+    def update(self, ranked: torch.Tensor | np.ndarray, target) -> None:
+        sums, n = _metric_sums(ranked, target, self.ks)
+        self._sums = [a + b for a, b in zip(self._sums, sums)]
+        self.count += n
+
+    def compute(self) -> dict[str, float]:
+        if self.count == 0:
+            raise ValueError("MetricAccumulator.compute() before any update()")
+        return {key: s / self.count for key, s in zip(_keys(self.ks), self._sums)}
+
+
+def popularity_ranking(
+    train_item_counts: np.ndarray,
+    n_users: int,
+    k: int,
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
+    """The k most popular items for each of ``n_users`` users, int64 (n_users, k).
+
+    Ties go to the smaller item_id. ``exclude``: item_ids never recommended, either 1-D (for
+    every user) or 2-D (n_users, H) per user, e.g. a history padded with -1 (ignored). A row
+    with fewer than k items left is padded with -1.
+    """
+    counts = np.asarray(train_item_counts)
+    if counts.ndim != 1:
+        raise ValueError(f"train_item_counts must be 1-D (n_items,), got shape {counts.shape}")
+    if k < 1 or n_users < 0:
+        raise ValueError(f"need k >= 1 and n_users >= 0, got k={k}, n_users={n_users}")
+    n_items = counts.shape[0]
+    order = np.argsort(-counts, kind="stable")  # stable: ties keep item_id order
+
+    if exclude is not None:
+        exclude = np.asarray(exclude)
+        if exclude.size and not np.issubdtype(exclude.dtype, np.integer):
+            raise ValueError(f"exclude must hold integer item_ids, got dtype {exclude.dtype}")
+        exclude = exclude.astype(np.int64, copy=False)
+        if exclude.size and (exclude.min() < -1 or exclude.max() >= n_items):
+            raise ValueError(
+                f"exclude holds item_ids outside [-1, {n_items}): "
+                f"min {exclude.min()}, max {exclude.max()}"
+            )
+        if exclude.ndim == 1:
+            keep = np.ones(n_items, dtype=bool)
+            keep[exclude[exclude >= 0]] = False
+            order = order[keep[order]]
+            exclude = None
+        elif exclude.ndim != 2 or exclude.shape[0] != n_users:
+            raise ValueError(
+                f"exclude must be (n_items_excluded,) or (n_users={n_users}, H), "
+                f"got shape {exclude.shape}"
+            )
+
+    if exclude is None:
+        top = np.full(k, -1, dtype=np.int64)
+        top[: min(k, order.size)] = order[:k]
+        return np.broadcast_to(top, (n_users, k)).copy()
+
+    # Per user: at most H of the (k + H) most popular items are excluded, so the answer lies
+    # among them. Mark excluded candidates by their popularity position, then take the first
+    # k unmarked positions per row.
+    n_cand = min(k + exclude.shape[1], order.size)
+    cand = order[:n_cand]
+    pos = np.full(n_items, n_cand, dtype=np.int64)
+    pos[cand] = np.arange(n_cand)
+    rows, cols = np.nonzero(exclude >= 0)
+    p = pos[exclude[rows, cols]]
+    masked = np.zeros((n_users, n_cand + 1), dtype=bool)  # column n_cand: beyond candidates
+    masked[rows, p] = True
+    masked = masked[:, :n_cand]
+    first = np.argsort(masked, axis=1, kind="stable")[:, :k]
+    out = np.full((n_users, k), -1, dtype=np.int64)
+    picked = np.take_along_axis(masked, first, axis=1)
+    width = first.shape[1]
+    out[:, :width] = np.where(picked, -1, cand[first])
+    return out
