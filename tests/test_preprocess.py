@@ -61,7 +61,7 @@ def test_splits_match_naive(seqs, max_history):
         train = s[:-2]
         for t in range(1, len(train)):
             expect_train.append((u, train[max(0, t - max_history): t], train[t]))
-    ex = ds.train_examples()
+    ex = ds.train_examples().materialize()
     got = [(int(u), [int(x) for x in h if x >= 0], int(t)) for u, h, t in zip(ex.user, ex.history, ex.target)]
     assert got == expect_train
     for split, back in (("valid", 2), ("test", 1)):
@@ -139,3 +139,15 @@ def test_save_tables_never_exposes_partial_folder(tmp_path, monkeypatch):
 def test_empty_history_is_rejected():
     with pytest.raises(ValueError, match="nothing is left"):
         preprocess(_raw([[1, 2]]), PreprocessOptions(min_count=1))
+
+
+@pytest.mark.parametrize("as_int", [False, True])
+def test_dedup_keeps_earliest_interaction(as_int):
+    cast = int if as_int else str
+    events = pl.DataFrame({"user": [cast(1)] * 5, "item": [cast(x) for x in (7, 8, 7, 9, 8)],
+                           "timestamp": [5, 1, 0, 9, 3]}).with_columns(
+        pl.col("timestamp").cast(pl.Int64), pl.int_range(pl.len(), dtype=pl.Int64).alias("order"))
+    tables = preprocess(RawData("dup", events, empty_items()), PreprocessOptions(min_count=1))
+    assert tables.stats["duplicates_removed"] == 2
+    raw_of = tables.items["raw_id"].to_list()
+    assert [raw_of[i] for i in tables.sequences["items"][0]] == ["7", "8", "9"]  # 7@0, 8@1, 9@9
