@@ -24,6 +24,7 @@ from data.dataset import SeqDataset, load_tables, save_tables
 from data.preprocess import PreprocessOptions, preprocess
 from data.sources import amazon2014, movielens, p5, recbole
 from data.sources.base import default_cache_dir
+from data.text import DEFAULT_ENCODER, DEFAULT_TEMPLATE, embed_items, items_with_text
 
 SOURCES = ("amazon2014", "movielens", "p5", "recbole")
 PREPROCESS_VERSION = 1  # bump when preprocessing changes meaning, to invalidate caches
@@ -111,9 +112,16 @@ def load_dataset(source: str = gin.REQUIRED, path: str | None = None, items: str
     return SeqDataset.from_tables(f"{source}-{label}", tables, max_history=max_history, path=folder)
 
 
-def summary(ds: SeqDataset) -> dict:
-    from data.text import items_with_text
+@gin.configurable
+def load_item_embeddings(dataset: SeqDataset, model: str = DEFAULT_ENCODER, template: str = DEFAULT_TEMPLATE,
+                         batch_size: int = 256, device: str | None = None, allow_missing_text: bool = True):
+    """Sentence embeddings of the dataset's item texts (float32 (num_items, D)), cached beside
+    the processed dataset and recomputed when the model, template or items change."""
+    return embed_items(dataset.items, cache_dir=dataset.path, model=model, template=template,
+                       batch_size=batch_size, device=device, allow_missing_text=allow_missing_text)
 
+
+def summary(ds: SeqDataset) -> dict:
     valid, test = ds.eval_examples("valid"), ds.eval_examples("test")
     return {
         "dataset": ds.name,
@@ -156,10 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     for note in out["notes"]:
         print(f"[data] note: {note}", file=sys.stderr)
     if a.embed:
-        from data.text import embed_items
-
         t1 = time.time()
-        emb = embed_items(ds.items, cache_dir=ds.path, model=a.embed, batch_size=a.embed_batch_size)
+        emb = load_item_embeddings(ds, model=a.embed, batch_size=a.embed_batch_size)
         out.update(embedding_shape=list(emb.shape), embedding_model=a.embed, embed_seconds=round(time.time() - t1, 2))
     out["seconds"] = round(time.time() - t0, 2)
     print(json.dumps(out))
