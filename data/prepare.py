@@ -173,4 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from data.download import DownloadError
+    from data.sources.base import DataFormatError
+
+    try:
+        main()
+    except (DataFormatError, DownloadError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
