@@ -35,6 +35,8 @@ def parse_gin_cli(argv: list[str] | None, description: str = "") -> argparse.Nam
     for path in args.configs:
         if not Path(path).is_file():
             ap.error(f"config file not found: {path}")
+    # `include 'configs/x.gin'` resolves from the repo root whatever the working directory.
+    gin.add_config_file_search_path(str(Path(__file__).resolve().parents[1]))
     try:
         gin.parse_config_files_and_bindings(args.configs, args.gin)
     except Exception as e:  # noqa: BLE001 - gin raises ValueError, SyntaxError or tokenize errors

@@ -1,0 +1,193 @@
+"""Train a semantic-ID tokenizer (RQ-VAE, RQ-KMeans or FSQ) on item text embeddings.
+
+    python train_rqvae.py configs/rqvae_amazon.gin bench/configs/beauty_local.gin
+    python train_rqvae.py configs/rqkmeans_amazon.gin bench/configs/beauty_local.gin
+    python train_rqvae.py configs/rqvae_amazon.gin --gin 'train_rqvae.max_steps = 2000'
+
+Tiny CPU recipe (seconds): python train_rqvae.py configs/tiny/rqvae_tiny.gin
+
+Reads top to bottom: dataset -> item embeddings -> quantizer -> (training loop with eval,
+checkpoints and resume) -> codes -> dedup level -> tokenizer saved to ``out_dir/tokenizer``
+(safetensors + config.json + item codes; loadable by path or Hub id). A run restarted with
+the same out_dir resumes from ``out_dir/last.pt``. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import gin
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.prepare import load_dataset, load_item_embeddings
+from modules.quantizers.fsq import FSQConfig, FSQTokenizer
+from modules.quantizers.rqkmeans import RQKMeans, RQKMeansConfig
+from modules.quantizers.rqvae import RQVAE, RQVAEConfig
+from modules.semantic_ids import (
+    SemanticIdTokenizer, add_dedup_level, codebook_perplexity, codebook_usage, collision_stats,
+    plot_codebook_usage,
+)
+from modules.training import (
+    batch_indices, load_checkpoint, make_logger, make_optimizer, parse_gin_cli, pick_device, print_result,
+    save_checkpoint, seed_everything, warmup_cosine,
+)
+
+for _cfg in (RQVAEConfig, RQKMeansConfig, FSQConfig):
+    gin.external_configurable(_cfg)
+
+
+@torch.no_grad()
+def tokenizer_metrics(quantizer: torch.nn.Module, emb: torch.Tensor, batch_size: int = 8192) -> dict:
+    """Codes of every item plus the quality figures logged during and after training."""
+    was_training = quantizer.training
+    quantizer.eval()
+    codes = torch.cat([quantizer.encode(emb[i: i + batch_size]) for i in range(0, len(emb), batch_size)])
+    recon = torch.cat([quantizer.decode_codes(codes[i: i + batch_size]) for i in range(0, len(emb), batch_size)]) \
+        if hasattr(quantizer, "decode_codes") else quantizer.decode(codes)
+    quantizer.train(was_training)
+    sizes = quantizer.codebook_sizes
+    stats = collision_stats(codes)
+    return {
+        "codes": codes,
+        "collision_rate": stats["collision_rate"],
+        "max_group": stats["max_group"],
+        "codebook_usage": codebook_usage(codes, sizes),
+        "codebook_perplexity": codebook_perplexity(codes, sizes),
+        "recon_loss": F.mse_loss(recon, emb).item(),
+    }
+
+
+@gin.configurable
+def train_rqvae(
+    quantizer=gin.REQUIRED,  # @RQVAEConfig(), @RQKMeansConfig() or @FSQConfig()
+    out_dir: str = "runs/rqvae",
+    max_steps: int = 20_000,
+    batch_size: int = 1024,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 500,
+    gumbel_temperature: tuple[float, float] = (1.0, 0.1),  # annealed start -> end (gumbel mode)
+    eval_every: int = 2_000,
+    ckpt_every: int = 2_000,
+    log_every: int = 100,
+    dedup_size: int | None = 256,  # codes in the extra dedup level; None: as many as the largest group
+    seed: int = 42,
+    device: str = "auto",
+    resume: bool = True,
+    stop_after_steps: int | None = None,  # stop (with a checkpoint) after this many steps of this run
+    wandb_mode: str = "offline",
+    wandb_project: str = "sidrec",
+    run_name: str | None = None,
+    push_to_hub: str | None = None,  # Hub repo id to push the tokenizer to at the end
+) -> dict:
+    t_start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    dev = pick_device(device)
+
+    dataset = load_dataset()
+    emb = torch.from_numpy(load_item_embeddings(dataset)).float().to(dev)
+    quantizer.input_dim = emb.shape[1]
+    logger = make_logger(wandb_mode, wandb_project, run_name or out.name, out / "wandb")
+    print(f"[rqvae] {dataset.name}: {len(emb)} items x {emb.shape[1]} dims, {type(quantizer).__name__} on {dev}",
+          file=sys.stderr)
+
+    if isinstance(quantizer, RQKMeansConfig):  # no training loop: residual k-means on the embeddings
+        model = RQKMeans(quantizer).to(dev)
+        model.fit(emb)
+        step = 0
+    else:
+        model = (RQVAE if isinstance(quantizer, RQVAEConfig) else FSQTokenizer)(quantizer).to(dev)
+        optimizer = make_optimizer(model, lr, weight_decay)
+        scheduler = warmup_cosine(optimizer, warmup_steps, max_steps)
+        ckpt_path, step = out / "last.pt", 0
+        if resume and ckpt_path.exists():
+            step = load_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
+            print(f"[rqvae] resumed from {ckpt_path} at step {step}", file=sys.stderr)
+        elif isinstance(model, RQVAE) and quantizer.kmeans_init:
+            model.init_codebooks(emb)  # k-means on every item's latent, not just the first batch
+
+        model.train()
+        stop_at = max_steps if stop_after_steps is None else min(max_steps, step + stop_after_steps)
+        bar = tqdm(total=max_steps, initial=step, desc="rqvae", disable=None, file=sys.stderr)
+        batches = batch_indices(len(emb), batch_size, seed, start_step=step)
+        while step < stop_at:
+            step, _, idx = next(batches)
+            t0, t1 = gumbel_temperature
+            tau = t0 * (t1 / t0) ** (step / max(1, max_steps - 1))  # geometric anneal
+            output = model(emb[torch.as_tensor(idx, device=dev)], temperature=tau)
+            optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % log_every == 0:
+                logger.log({"train/loss": output.loss.item(), "train/recon_loss": output.recon_loss.item(),
+                            "train/quant_loss": output.quant_loss.item(), "train/temperature": tau,
+                            "train/lr": scheduler.get_last_lr()[0]}, step=step)
+                bar.set_postfix(loss=f"{output.loss.item():.4f}")
+            if step % eval_every == 0 or step == max_steps:
+                m = tokenizer_metrics(model, emb)
+                logger.log({"eval/collision_rate": m["collision_rate"], "eval/max_group": m["max_group"],
+                            "eval/recon_loss": m["recon_loss"],
+                            **{f"eval/usage_l{i}": u for i, u in enumerate(m["codebook_usage"])},
+                            **{f"eval/perplexity_l{i}": p for i, p in enumerate(m["codebook_perplexity"])}},
+                           step=step)
+                tqdm.write(f"[rqvae] step {step}: collision {m['collision_rate']:.4f} max_group {m['max_group']} "
+                           f"usage {[round(u, 3) for u in m['codebook_usage']]} recon {m['recon_loss']:.5f}",
+                           file=sys.stderr)
+            if step % ckpt_every == 0 or step == stop_at:
+                save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, step=step)
+        bar.close()
+        if step < max_steps:  # stopped early on purpose: the checkpoint is the result
+            logger.finish()
+            result = {"stopped_at_step": step, "checkpoint": str(ckpt_path), "seconds": round(time.time() - t_start, 2)}
+            print_result(result)
+            return result
+
+    m = tokenizer_metrics(model, emb)
+    item_codes = add_dedup_level(m["codes"].cpu(), max_size=dedup_size)
+    dedup_level_size = dedup_size or int(item_codes[:, -1].max()) + 1
+    tokenizer = SemanticIdTokenizer(model.cpu(), item_codes, codebook_sizes=list(model.codebook_sizes) +
+                                    [dedup_level_size], raw_ids=dataset.items["raw_id"].to_list())
+    tokenizer.save_pretrained(out / "tokenizer")
+    plot = plot_codebook_usage(m["codes"].cpu(), model.codebook_sizes, out / "codebook_usage.png")
+    logger.log_image("codebook_usage", plot, step=step)
+    result = {
+        "dataset": dataset.name,
+        "quantizer": type(model).__name__,
+        "num_items": len(emb),
+        "steps": step,
+        "collision_rate": m["collision_rate"],
+        "unique_after_dedup": bool(collision_stats(item_codes)["max_group"] == 1),
+        "max_group": m["max_group"],
+        "codebook_usage": m["codebook_usage"],
+        "codebook_perplexity": m["codebook_perplexity"],
+        "recon_loss": m["recon_loss"],
+        "dedup_size": dedup_level_size,
+        "tokenizer": str(out / "tokenizer"),
+        "device": str(dev),
+        "seconds": round(time.time() - t_start, 2),
+    }
+    logger.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
+    logger.finish()
+    if push_to_hub:
+        tokenizer.push_to_hub(push_to_hub)
+        result["hub"] = push_to_hub
+    print_result(result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parse_gin_cli(argv, __doc__)
+    return train_rqvae()
+
+
+if __name__ == "__main__":
+    main()
