@@ -93,7 +93,7 @@ def train_rqvae(
     dataset = load_dataset()
     emb = torch.from_numpy(load_item_embeddings(dataset)).float().to(dev)
     quantizer.input_dim = emb.shape[1]
-    logger = make_logger(wandb_mode, wandb_project, run_name or out.name, out / "wandb")
+    logger = make_logger(wandb_mode, wandb_project, run_name or out.name, out)
     print(f"[rqvae] {dataset.name}: {len(emb)} items x {emb.shape[1]} dims, {type(quantizer).__name__} on {dev}",
           file=sys.stderr)
 
