@@ -146,6 +146,7 @@ def main() -> None:
         "deterministic_histories_per_second": round(len(test_hist) / det_seconds, 1),
         "features": source,
         "mode": args.mode,
+        "phantom_merges": tok.config["phantom_merges"],
         "n_init_feats": tok.n_init_feats,
         "train_sequences": len(train),
         "train_actions": int(sum(len(s) for s in train)),

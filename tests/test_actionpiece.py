@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from modules.actionpiece import features as F
 from modules.actionpiece import segment
-from modules.actionpiece.reference import RefSequence, apply_merge, count_sequence, reference_merges
+from modules.actionpiece.reference import RefSequence, apply_merge, count_sequence, normalize, reference_merges
 from modules.actionpiece.tokenizer import ActionPieceTokenizer
 from modules.actionpiece.vocab import learn_merges, weight_scale
 
@@ -98,6 +98,7 @@ def test_faithful_stale_counts_hand_checked():
     assert correct.priorities.tolist() == pytest.approx([2 / 3, 1.0], abs=1e-12)
     assert faithful.pairs.tolist() == [[1, 2], [3, 4], [1, 3], [2, 3]]
     assert faithful.priorities.tolist() == pytest.approx([2 / 3, 1.0, 2 / 3, 2 / 3], abs=1e-12)
+    assert faithful.phantom.tolist() == [False, False, True, True] and not correct.phantom.any()
 
 
 def test_faithful_phantoms_occur_nowhere():
@@ -113,8 +114,9 @@ def test_faithful_phantoms_occur_nowhere():
                 present = sum((count_sequence(s).get((u, v), 0) for s in state), Fraction(0))
                 if mode == "correct":
                     assert present == Fraction(int(res.counts[n]), res.scale)
-                elif present == 0:
-                    n_phantoms += 1
+                else:
+                    assert res.phantom[n] == (present == 0)
+                    n_phantoms += present == 0
                 for s in state:
                     apply_merge(s, u, v, n_init + n)
     assert n_phantoms > 0
@@ -228,6 +230,54 @@ def test_deterministic_segmentation(small_tokenizer):
         want = Counter((c, int(v)) for i in s for c, v in enumerate(tok.item_features[i]))
         assert got == want
         assert out == tok.encode_deterministic(s)
+
+
+def naive_none_encode(items, rules, priority):
+    """Full rescan of every location after every merge (what segment.none_encode caches)."""
+    seq = RefSequence(items)
+    acts, ctx = seq.acts, seq.ctx
+    rule = lambda a, b: rules.get((min(a, b), max(a, b)), -1)  # noqa: E731
+    while True:
+        cands = []  # (score, op, k, x, y, r) in enumeration order
+        for k, a in enumerate(acts):
+            cands += [(priority[rule(x, y)] * 2 / len(a), "in", k, x, y, rule(x, y))
+                      for i, x in enumerate(a) for y in a[i + 1:] if rule(x, y) >= 0]
+            if k == len(acts) - 1:
+                break
+            b, c = acts[k + 1], ctx[k]
+            if c is not None:
+                cands += [(priority[rule(x, c)] / len(a), "ac", k, x, c, rule(x, c)) for x in a if rule(x, c) >= 0]
+                cands += [(priority[rule(c, y)] / len(b), "cb", k, c, y, rule(c, y)) for y in b if rule(c, y) >= 0]
+            else:
+                cands += [(priority[rule(x, y)] / (len(a) * len(b)), "ab", k, x, y, rule(x, y))
+                          for x in a for y in b if rule(x, y) >= 0]
+        if not cands:
+            break
+        top = max(c[0] for c in cands)
+        _, op, k, x, y, r = next(c for c in cands if c[0] == top)
+        if op == "in":
+            acts[k].remove(x), acts[k].remove(y), acts[k].insert(0, r)
+        elif op == "ac":
+            acts[k].remove(x)
+        elif op == "cb":
+            acts[k + 1].remove(y)
+        else:
+            acts[k].remove(x), acts[k + 1].remove(y)
+        if op != "in":
+            ctx[k] = r
+        normalize(seq)
+    return [t for k, a in enumerate(acts) for t in a + ([ctx[k]] if k < len(ctx) and ctx[k] is not None else [])]
+
+
+def test_none_encode_matches_naive(small_tokenizer):
+    tok, seqs = small_tokenizer
+    rng = np.random.default_rng(4)
+    priority = list(tok.priority)
+    for trial in range(80):
+        if trial % 2:  # random priorities: many more ties and cross/context merges
+            priority = [0.0] * tok.n_init_feats + rng.integers(1, 4, tok.vocab_size - tok.n_init_feats).tolist()
+        items = [list(tok.item_tokens[i]) for i in rng.integers(0, len(tok.item_tokens), rng.integers(1, 12))]
+        assert segment.none_encode(items, tok.rules, priority) == naive_none_encode(items, tok.rules, priority)
 
 
 def test_none_encode_known_answer():

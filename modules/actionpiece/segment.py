@@ -27,8 +27,10 @@ from modules.actionpiece.vocab import _hash
 def rule_table(token2feat: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Open-addressing table (keys, vals): pair key ``u << 32 | v`` (u <= v) -> merged token.
 
-    If a pair was merged more than once (possible in faithful mode) the earliest id wins,
-    as a segmentation by merge order would apply that one first."""
+    If a pair was merged more than once (faithful mode's phantoms, or a pair that survived
+    its first merge) the earliest id wins: rules apply in learning order. (The official
+    code's ``rank`` dict keeps the *latest* id instead; the two differ only for such
+    duplicates.)"""
     merges = [(i, t[1], t[2]) for i, t in enumerate(token2feat) if len(t) == 3]
     size = 1 << max(4, math.ceil(math.log2(2 * len(merges) + 2)))
     keys = np.full(size, -1, dtype=np.int64)
@@ -242,7 +244,7 @@ def bpe_encode(sequences: Sequence[Sequence[int]], rules: tuple[np.ndarray, np.n
     """Plain BPE (by rule id, leftmost on ties) of already flattened token sequences."""
     lens = np.array([len(s) for s in sequences], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]) if len(sequences) else np.zeros(0, np.int64)
+    flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences] + [np.zeros(0, np.int64)])
     out = np.full((len(sequences), max(int(lens.max(initial=0)), 1)), pad, dtype=np.int64)
     lengths = np.zeros(len(sequences), dtype=np.int64)
     _bpe_batch(flat, offsets, rules[0], rules[1], out, lengths)
@@ -269,38 +271,53 @@ def none_encode(
     def rule(a: int, b: int) -> int:
         return rules.get((a, b) if a <= b else (b, a), -1)
 
-    while True:
+    def best_inside(k: int) -> tuple[float, tuple | None]:
+        node, best_score, best = acts[k], -math.inf, None
+        m = len(node)
+        for i in range(m):
+            for j in range(i + 1, m):
+                r = rule(node[i], node[j])
+                if r >= 0 and priority[r] * 2 / m > best_score:
+                    best_score, best = priority[r] * 2 / m, ("in", node[i], node[j], r)
+        return best_score, best
+
+    def best_gap(k: int) -> tuple[float, tuple | None]:
+        a_node, b_node, c = acts[k], acts[k + 1], ctx[k]
         best_score, best = -math.inf, None
-        t = len(acts)
-        for k, a_node in enumerate(acts):
-            m = len(a_node)
-            for i in range(m):
-                for j in range(i + 1, m):
-                    r = rule(a_node[i], a_node[j])
-                    if r >= 0 and priority[r] * 2 / m > best_score:
-                        best_score, best = priority[r] * 2 / m, ("in", k, a_node[i], a_node[j], r)
-            if k == t - 1:
-                break
-            b_node, c = acts[k + 1], ctx[k]
-            if c is not None:
-                for x in a_node:
-                    r = rule(x, c)
-                    if r >= 0 and priority[r] / m > best_score:
-                        best_score, best = priority[r] / m, ("ac", k, x, c, r)
+        if c is not None:
+            for x in a_node:
+                r = rule(x, c)
+                if r >= 0 and priority[r] / len(a_node) > best_score:
+                    best_score, best = priority[r] / len(a_node), ("ac", x, c, r)
+            for y in b_node:
+                r = rule(c, y)
+                if r >= 0 and priority[r] / len(b_node) > best_score:
+                    best_score, best = priority[r] / len(b_node), ("cb", c, y, r)
+        else:
+            for x in a_node:
                 for y in b_node:
-                    r = rule(c, y)
-                    if r >= 0 and priority[r] / len(b_node) > best_score:
-                        best_score, best = priority[r] / len(b_node), ("cb", k, c, y, r)
-            else:
-                for x in a_node:
-                    for y in b_node:
-                        r = rule(x, y)
-                        score = priority[r] / (m * len(b_node)) if r >= 0 else -math.inf
-                        if score > best_score:
-                            best_score, best = score, ("ab", k, x, y, r)
+                    r = rule(x, y)
+                    if r >= 0 and priority[r] / (len(a_node) * len(b_node)) > best_score:
+                        best_score, best = priority[r] / (len(a_node) * len(b_node)), ("ab", x, y, r)
+        return best_score, best
+
+    # Best candidate per location, recomputed only where a merge changed something: a
+    # merge at action k or gap k (plus normalisation without unlinking) touches actions
+    # k..k+1 and slots k-1..k, so locations k-2..k+1 are refreshed; an unlink renumbers
+    # everything and triggers a full refresh.
+    inside = [best_inside(k) for k in range(len(acts))]
+    gaps = [best_gap(k) for k in range(len(acts) - 1)]
+    while True:
+        best_score, best, where_k = -math.inf, None, -1
+        for k in range(len(acts)):  # enumeration order: inside(k), then gap(k)
+            if inside[k][0] > best_score:
+                best_score, best, where_k = inside[k][0], inside[k][1], k
+            if k < len(gaps) and gaps[k][0] > best_score:
+                best_score, best, where_k = gaps[k][0], gaps[k][1], k
         if best is None:
             break
-        where, k, x, y, r = best
+        where, x, y, r = best
+        k = where_k
         if where == "in":
             acts[k].remove(x)
             acts[k].remove(y)
@@ -315,7 +332,16 @@ def none_encode(
             acts[k].remove(x)
             acts[k + 1].remove(y)
             ctx[k] = r
+        n_before = len(acts)
         normalize(seq)
+        if len(acts) != n_before:
+            inside = [best_inside(j) for j in range(len(acts))]
+            gaps = [best_gap(j) for j in range(len(acts) - 1)]
+        else:
+            for j in range(max(k - 2, 0), min(k + 2, len(acts))):
+                inside[j] = best_inside(j)
+                if j < len(gaps):
+                    gaps[j] = best_gap(j)
     out: list[int] = []
     for k, a_node in enumerate(acts):
         out.extend(a_node)

@@ -111,7 +111,8 @@ class ActionPieceTokenizer:
                                            mode=mode, progress=progress)
         token2feat += [(-1, int(u), int(v)) for u, v in result.pairs]
         priority = [0.0] * n_init + result.priorities.tolist()
-        cfg = {"mode": mode, "requested_vocab_size": vocab_size, **(config or {})}
+        cfg = {"mode": mode, "requested_vocab_size": vocab_size,
+               "phantom_merges": int(result.phantom.sum()), **(config or {})}
         return cls(feats.shape[1], n_init, token2feat, priority, feats, cfg)
 
     @staticmethod
