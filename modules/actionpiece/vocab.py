@@ -67,10 +67,13 @@ MODES = ("correct", "faithful")
 # ----------------------------------------------------------------------------- hashing
 @njit
 def _hash(key):
-    # int64 arithmetic wraps under numba; plain Python just gets a big int. Either way the
-    # result masked by a power-of-two table size is a valid slot.
-    h = (key ^ (key >> 29)) * 0x5851F42D4C957F2D
-    return h ^ (h >> 32)
+    # Multiply two 31-bit halves by 31-bit odd constants: no int64 overflow, so numba and
+    # the plain-Python fallback compute the same value. Masked by a power-of-two table
+    # size it gives the home slot.
+    lo = key & 0x7FFFFFFF
+    hi = (key >> 31) & 0x7FFFFFFF
+    h = lo * 0x5BD1E995 + hi * 0x27D4EB2F
+    return h ^ (h >> 29)
 
 
 @njit
