@@ -167,3 +167,45 @@ def popularity_ranking(
     width = first.shape[1]
     out[:, :width] = np.where(picked, -1, cand[first])
     return out
+
+
+# ------------------------------------------------------------------ generative recommenders
+
+
+@torch.no_grad()
+def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie, *, beam_size: int,
+                        top_k: int = 10, batch_size: int = 256, use_user: bool = False, ks=DEFAULT_KS,
+                        unconstrained: bool = False, max_users: int | None = None,
+                        device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> dict:
+    """Recall/NDCG of a semantic-ID recommender by beam search over ``examples``.
+
+    ``examples``: ``data.dataset.Examples`` (history, target, user), one held-out target each.
+    ``unconstrained``: search without the item trie and also report ``invalid_rate`` (beams
+    that are no item count as misses, as a real deployment would see them).
+    Returns the metrics plus ``users`` and ``users_per_second``.
+    """
+    import time
+
+    from modules.beam_search import beam_search
+
+    was_training = model.training
+    model.eval()
+    n = len(examples.target) if max_users is None else min(max_users, len(examples.target))
+    acc, invalid, t0 = MetricAccumulator(ks), 0.0, time.perf_counter()
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(n, start + batch_size))
+        user = torch.as_tensor(examples.user[sl], device=device) if use_user else None
+        input_ids, mask = layout.encode_history(torch.as_tensor(examples.history[sl], device=device), item_codes, user)
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = beam_search(model, input_ids, mask, trie, layout, beam_size=beam_size, top_k=top_k,
+                              unconstrained=unconstrained)
+        acc.update(out.items, torch.as_tensor(examples.target[sl], device=device))
+        if unconstrained:
+            invalid += out.invalid_rate * (sl.stop - sl.start)
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    result = acc.compute()
+    if unconstrained:
+        result["invalid_rate"] = invalid / max(1, n)
+    result.update(users=n, users_per_second=n / max(seconds, 1e-9))
+    return result

@@ -1,0 +1,89 @@
+"""train_decoder.py end to end on a tiny fixture: outputs, exact resume, GPT, and clear errors
+for a missing or mismatched tokenizer."""
+
+import gin
+import numpy as np
+import pytest
+import torch
+
+import train_decoder
+import train_rqvae
+from tests.fixtures import dataset_bindings, write_p5_dataset
+
+
+def gin_args(config, bindings):
+    args = [config]
+    for b in bindings:
+        args += ["--gin", b]
+    return args
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dec")
+    data = write_p5_dataset(root / "data")
+    base = dataset_bindings(data, root / "cache")
+    gin.clear_config()
+    train_rqvae.main(gin_args("configs/tiny/rqvae_tiny.gin", base + [f"train_rqvae.out_dir = '{root / 'rq'}'"]))
+    gin.clear_config()
+    return root, base
+
+
+def run(setup, out, *extra, tokenizer=None):
+    root, base = setup
+    gin.clear_config()
+    try:
+        return train_decoder.main(gin_args("configs/tiny/decoder_tiny.gin", base + [
+            f"train_decoder.tokenizer = '{tokenizer or root / 'rq'}'", f"train_decoder.out_dir = '{out}'", *extra]))
+    finally:
+        gin.clear_config()
+
+
+def test_decoder_end_to_end_and_exact_resume(setup, tmp_path):
+    full = run(setup, tmp_path / "full")
+    for split in ("valid", "test", "popularity"):
+        assert set(full[split]) >= {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+        assert all(0 <= v <= 1 for v in full[split].values())
+    assert 0 <= full["invalid_rate"] <= 1 and full["eval_users_per_second"] > 0 and full["device"] == "cpu"
+    assert full["test"]["recall@10"] >= full["test"]["ndcg@10"]
+    part = run(setup, tmp_path / "split", "train_decoder.stop_after_steps = 25")
+    assert part["stopped_at_step"] == 25
+    resumed = run(setup, tmp_path / "split")
+    assert resumed["valid"] == full["valid"] and resumed["test"] == full["test"]
+    a = torch.load(tmp_path / "full" / "best.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "best.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_popularity_baseline_known_answer(setup, tmp_path):
+    from data.prepare import load_dataset
+
+    res = run(setup, tmp_path / "pop", "train_decoder.max_steps = 2", "train_decoder.eval_every = 2")
+    gin.clear_config()
+    root, base = setup
+    gin.parse_config_files_and_bindings([], [b for b in base if b.startswith("load_dataset")])
+    ds = load_dataset()
+    gin.clear_config()
+    counts = ds.train_item_counts()
+    top10 = np.lexsort((np.arange(len(counts)), -counts))[:10]
+    target = ds.eval_examples("test").target
+    rank = {int(item): r for r, item in enumerate(top10)}
+    ndcg = np.mean([1 / np.log2(rank[t] + 2) if t in rank else 0.0 for t in target])
+    assert res["popularity"]["ndcg@10"] == pytest.approx(ndcg)
+    assert res["popularity"]["recall@10"] == pytest.approx(np.isin(target, top10).mean())
+
+
+def test_gpt_architecture(setup, tmp_path):
+    res = run(setup, tmp_path / "gpt", "train_decoder.architecture = 'gpt'")
+    assert res["architecture"] == "gpt" and 0 <= res["test"]["ndcg@10"] <= 1
+
+
+def test_missing_and_mismatched_tokenizer(setup, tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer not found"):
+        run(setup, tmp_path / "x", tokenizer=str(tmp_path / "nope"))
+    other = write_p5_dataset(tmp_path / "other", num_items=40, seed=1)
+    gin.clear_config()
+    train_rqvae.main(gin_args("configs/tiny/rqvae_tiny.gin", dataset_bindings(other, tmp_path / "c2") + [
+        f"train_rqvae.out_dir = '{tmp_path / 'rq2'}'"]))
+    with pytest.raises(ValueError, match="40 items"):
+        run(setup, tmp_path / "y", tokenizer=str(tmp_path / "rq2"))

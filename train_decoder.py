@@ -1,0 +1,259 @@
+"""Train a generative recommender (T5 encoder-decoder as in TIGER, or a GPT decoder) that
+generates the semantic ID of the next item, and evaluate it with trie-constrained beam search.
+
+    python train_rqvae.py configs/rqvae_amazon.gin bench/configs/beauty_local.gin
+    python train_decoder.py configs/decoder_amazon.gin bench/configs/beauty_local.gin
+    python train_decoder.py configs/decoder_amazon.gin bench/configs/beauty_local.gin \
+        --gin 'train_decoder.max_train_minutes = 30'
+
+Tiny CPU recipe (a minute): python train_rqvae.py configs/tiny/rqvae_tiny.gin &&
+    python train_decoder.py configs/tiny/decoder_tiny.gin
+
+Reads top to bottom: dataset -> tokenizer (path or Hub id) -> token layout + item trie ->
+model -> training loop (AdamW, warm-up + cosine, grad clipping, bf16 autocast on GPU) with
+validation on NDCG@10 every ``eval_every`` steps (best + last checkpoints, early stopping)
+-> test metrics of the best-validation checkpoint, the invalid-ID rate of unconstrained
+search, and a most-popular baseline. Restarting with the same out_dir resumes exactly.
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import gin
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.prepare import load_dataset
+from modules.beam_search import PrefixTrie
+from modules.evaluation import evaluate_generative, popularity_ranking, ranking_metrics
+from modules.semantic_ids import SemanticIdTokenizer
+from modules.tokens import TokenLayout
+from modules.training import (
+    atomic_torch_save, batch_indices, load_checkpoint, make_logger, make_optimizer, parse_gin_cli, pick_device,
+    print_result, resolved_config, save_checkpoint, seed_everything, warmup_cosine,
+)
+from modules.transformers.generation import shift_right
+from modules.transformers.gpt import GPT, GPTConfig
+from modules.transformers.t5 import T5, T5Config
+
+# Calling these (not the raw dataclasses) applies the gin bindings of T5Config.* / GPTConfig.*.
+T5ConfigBound = gin.external_configurable(T5Config)
+GPTConfigBound = gin.external_configurable(GPTConfig)
+REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
+
+
+def load_tokenizer(name: str, dataset) -> SemanticIdTokenizer:
+    """A train_rqvae.py tokenizer by path (its dir, or the run dir holding ``tokenizer/``) or Hub id,
+    checked against the dataset's items."""
+    path = Path(name)
+    if (path / "tokenizer").is_dir():
+        path = path / "tokenizer"
+    if not path.exists() and (name.startswith((".", "/")) or name.count("/") != 1):
+        raise FileNotFoundError(f"tokenizer not found: {name} (run train_rqvae.py first, or give a Hub repo id)")
+    tok = SemanticIdTokenizer.from_pretrained(str(path) if path.exists() else name)
+    if tok.num_items != dataset.num_items:
+        raise ValueError(f"tokenizer {name} has codes for {tok.num_items} items but dataset {dataset.name} has "
+                         f"{dataset.num_items}: it was trained on another dataset or other preprocessing options")
+    if tok.raw_ids is not None:
+        try:
+            tok.check_raw_ids(dataset.items["raw_id"].to_list())
+        except ValueError as e:
+            raise ValueError(f"tokenizer {name} does not match dataset {dataset.name}: {e}") from None
+    return tok
+
+
+def build_model(architecture: str, layout: TokenLayout) -> torch.nn.Module:
+    if architecture == "t5":
+        return T5(T5ConfigBound(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size))
+    if architecture == "gpt":
+        return GPT(GPTConfigBound(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size))
+    raise ValueError(f"train_decoder.architecture must be 't5' or 'gpt', got {architecture!r}")
+
+
+@gin.configurable
+def train_decoder(
+    tokenizer: str = gin.REQUIRED,  # train_rqvae.py output dir or Hub repo id
+    architecture: str = "t5",
+    out_dir: str = "runs/decoder",
+    num_user_buckets: int = 2000,  # TIGER's hashed user token; 0: none
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.15,
+    warmup_steps: int = 10_000,
+    max_steps: int = 200_000,
+    max_train_minutes: float | None = None,  # wall-clock cap on training (then test the best checkpoint)
+    grad_clip: float = 1.0,
+    eval_every: int = 2_000,
+    eval_users: int | None = None,  # validate on the first N users (None: all); test always uses all
+    eval_batch_size: int = 256,
+    beam_size: int = 20,
+    patience: int | None = 10,  # evaluations without improvement before stopping; None: never
+    log_every: int = 100,
+    seed: int = 42,
+    device: str = "auto",
+    resume: bool = True,
+    stop_after_steps: int | None = None,  # stop (with a checkpoint) after this many steps of this run
+    wandb_mode: str = "offline",
+    wandb_project: str = "sidrec",
+    run_name: str | None = None,
+    push_to_hub: str | None = None,  # Hub repo id for the best model + token layout
+) -> dict:
+    t_start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    dev = pick_device(device)
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+
+    dataset = load_dataset()
+    tok = load_tokenizer(tokenizer, dataset)
+    layout = TokenLayout(tuple(tok.codebook_sizes), num_user_buckets=num_user_buckets)
+    item_codes = tok.item_codes.to(dev)
+    trie = PrefixTrie(item_codes, layout.codebook_sizes).to(dev)
+    train, valid, test = dataset.train_examples(), dataset.eval_examples("valid"), dataset.eval_examples("test")
+    use_user = num_user_buckets > 0
+
+    model = build_model(architecture, layout).to(dev)
+    optimizer = make_optimizer(model, lr, weight_decay)
+    scheduler = warmup_cosine(optimizer, warmup_steps, max_steps)
+    print(f"[decoder] {dataset.name}: {len(train):,} train examples, {dataset.num_users:,} users, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters ({architecture}) on {dev}", file=sys.stderr)
+
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    step, best, bad_evals, train_seconds = 0, -1.0, 0, 0.0
+    logger_id = None
+    if resume and last_path.exists():
+        extra = load_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler)
+        step = extra["step"]
+        best, bad_evals, train_seconds, logger_id = (extra["extra"][k] for k in
+                                                     ("best", "bad_evals", "train_seconds", "wandb_id"))
+        print(f"[decoder] resumed from {last_path} at step {step} (best valid ndcg@10 {best:.4f})", file=sys.stderr)
+    logger = make_logger(wandb_mode, wandb_project, run_name or out.name, out, resume_id=logger_id)
+    logger_id = getattr(logger, "run_id", None)
+
+    def checkpoint() -> None:
+        save_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
+                        extra={"best": best, "bad_evals": bad_evals, "train_seconds": train_seconds,
+                               "wandb_id": logger_id})
+
+    stop_at = max_steps if stop_after_steps is None else min(max_steps, step + stop_after_steps)
+    bar = tqdm(total=max_steps, initial=step, desc="decoder", disable=None, file=sys.stderr)
+    batches = batch_indices(len(train), batch_size, seed, start_step=step)
+    model.train()
+    stopped_early = False
+    t_seg = time.time()
+    while step < stop_at:
+        step, epoch, idx = next(batches)
+        batch = train.batch(idx)
+        user = torch.as_tensor(batch.user, device=dev) if use_user else None
+        input_ids, mask = layout.encode_history(torch.as_tensor(batch.history, device=dev), item_codes, user)
+        labels = layout.encode_target(torch.as_tensor(batch.target, device=dev), item_codes)
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            logits = model(input_ids, mask, shift_right(labels))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        if step % log_every == 0:
+            logger.log({"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
+                        "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+        out_of_time = max_train_minutes is not None and \
+            train_seconds + time.time() - t_seg >= 60 * max_train_minutes
+        if step % eval_every == 0 or step == max_steps or out_of_time:
+            train_seconds += time.time() - t_seg
+            metrics = evaluate_generative(model, valid, item_codes, layout, trie, beam_size=beam_size,
+                                          batch_size=eval_batch_size, use_user=use_user, max_users=eval_users,
+                                          device=dev, autocast_dtype=amp)
+            logger.log({f"valid/{k}": v for k, v in metrics.items()}, step=step)
+            improved = metrics["ndcg@10"] > best
+            if improved:
+                best, bad_evals = metrics["ndcg@10"], 0
+                atomic_torch_save({"model": model.state_dict(), "step": step, "valid": metrics,
+                                   "layout": layout.to_dict(), "architecture": architecture,
+                                   "config": resolved_config()}, best_path)
+            else:
+                bad_evals += 1
+            tqdm.write(f"[decoder] step {step} epoch {epoch}: loss {loss.item():.3f} valid ndcg@10 "
+                       f"{metrics['ndcg@10']:.4f} recall@10 {metrics['recall@10']:.4f}{' *' if improved else ''}",
+                       file=sys.stderr)
+            checkpoint()
+            t_seg = time.time()
+            if out_of_time or (patience is not None and bad_evals >= patience):
+                stopped_early = True
+                break
+    train_seconds += time.time() - t_seg
+    bar.close()
+    if step < max_steps and not stopped_early:  # stopped on purpose (stop_after_steps)
+        checkpoint()
+        logger.finish()
+        result = {"stopped_at_step": step, "checkpoint": str(last_path)}
+        print_result(result)
+        return result
+
+    # ---- test the best-validation checkpoint
+    if best_path.exists():
+        model.load_state_dict(torch.load(best_path, map_location=dev, weights_only=False)["model"])
+    common = dict(batch_size=eval_batch_size, use_user=use_user, device=dev, autocast_dtype=amp)
+    valid_metrics = evaluate_generative(model, valid, item_codes, layout, trie, beam_size=beam_size, **common)
+    test_metrics = evaluate_generative(model, test, item_codes, layout, trie, beam_size=beam_size, **common)
+    free = evaluate_generative(model, test, item_codes, layout, trie, beam_size=beam_size, unconstrained=True,
+                               **common)
+    popular = popularity_ranking(dataset.train_item_counts(), len(test), 10)
+    pop_metrics = ranking_metrics(popular, test.target, ks=(1, 5, 10))
+    result = {
+        "dataset": dataset.name,
+        "architecture": architecture,
+        "valid": {k: valid_metrics[k] for k in REPORT_KEYS},
+        "test": {k: test_metrics[k] for k in REPORT_KEYS},
+        "unconstrained_test": {k: free[k] for k in REPORT_KEYS},
+        "invalid_rate": free["invalid_rate"],
+        "popularity": {k: pop_metrics[k] for k in REPORT_KEYS},
+        "steps": step,
+        "best_step": torch.load(best_path, map_location="cpu", weights_only=False)["step"]
+        if best_path.exists() else step,
+        "train_seconds": round(train_seconds, 1),
+        "eval_users_per_second": round(test_metrics["users_per_second"], 1),
+        "beam_size": beam_size,
+        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        "seconds": round(time.time() - t_start, 1),
+    }
+    logger.summary({f"test/{k}": v for k, v in result["test"].items()})
+    logger.finish()
+    if push_to_hub:
+        push_recommender(push_to_hub, best_path, tok)
+        result["hub"] = push_to_hub
+    print_result(result)
+    return result
+
+
+def push_recommender(repo_id: str, best_path: Path, tok: SemanticIdTokenizer) -> None:
+    """Upload the best checkpoint and the tokenizer it needs to one Hub repo."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(Path(tmp) / "tokenizer")
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=tmp)
+        api.upload_file(repo_id=repo_id, path_or_fileobj=str(best_path), path_in_repo="recommender.pt")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parse_gin_cli(argv, __doc__)
+    return train_decoder()
+
+
+if __name__ == "__main__":
+    main()
