@@ -26,7 +26,6 @@ from pathlib import Path
 import gin
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from data.prepare import load_dataset
 from modules.beam_search import PrefixTrie
@@ -34,8 +33,7 @@ from modules.evaluation import evaluate_generative, popularity_ranking, ranking_
 from modules.semantic_ids import SemanticIdTokenizer
 from modules.tokens import TokenLayout
 from modules.training import (
-    atomic_torch_save, batch_indices, load_checkpoint, make_logger, make_optimizer, parse_gin_cli, pick_device,
-    print_result, resolved_config, save_checkpoint, seed_everything, warmup_cosine,
+    load_best, make_optimizer, parse_gin_cli, pick_device, print_result, seed_everything, train_loop, warmup_cosine,
 )
 from modules.transformers.generation import shift_right
 from modules.transformers.gpt import GPT, GPTConfig
@@ -124,86 +122,36 @@ def train_decoder(
     print(f"[decoder] {dataset.name}: {len(train):,} train examples, {dataset.num_users:,} users, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters ({architecture}) on {dev}", file=sys.stderr)
 
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    step, best, bad_evals, train_seconds = 0, -1.0, 0, 0.0
-    logger_id = None
-    if resume and last_path.exists():
-        extra = load_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler)
-        step = extra["step"]
-        best, bad_evals, train_seconds, logger_id = (extra["extra"][k] for k in
-                                                     ("best", "bad_evals", "train_seconds", "wandb_id"))
-        print(f"[decoder] resumed from {last_path} at step {step} (best valid ndcg@10 {best:.4f})", file=sys.stderr)
-    logger = make_logger(wandb_mode, wandb_project, run_name or out.name, out, resume_id=logger_id)
-    logger_id = getattr(logger, "run_id", None)
-
-    def checkpoint() -> None:
-        save_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                        extra={"best": best, "bad_evals": bad_evals, "train_seconds": train_seconds,
-                               "wandb_id": logger_id})
-
-    stop_at = max_steps if stop_after_steps is None else min(max_steps, step + stop_after_steps)
-    bar = tqdm(total=max_steps, initial=step, desc="decoder", disable=None, file=sys.stderr)
-    batches = batch_indices(len(train), batch_size, seed, start_step=step)
-    model.train()
-    stopped_early = False
-    t_seg = time.time()
-    while step < stop_at:
-        step, epoch, idx = next(batches)
+    def loss_fn(idx):
         batch = train.batch(idx)
         user = torch.as_tensor(batch.user, device=dev) if use_user else None
         input_ids, mask = layout.encode_history(torch.as_tensor(batch.history, device=dev), item_codes, user)
         labels = layout.encode_target(torch.as_tensor(batch.target, device=dev), item_codes)
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             logits = model(input_ids, mask, shift_right(labels))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        if step % log_every == 0:
-            logger.log({"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
-                        "train/lr": scheduler.get_last_lr()[0]}, step=step)
-            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
-        out_of_time = max_train_minutes is not None and \
-            train_seconds + time.time() - t_seg >= 60 * max_train_minutes
-        if step % eval_every == 0 or step == max_steps or out_of_time:
-            train_seconds += time.time() - t_seg
-            metrics = evaluate_generative(model, valid, item_codes, layout, trie, beam_size=beam_size,
-                                          batch_size=eval_batch_size, use_user=use_user, max_users=eval_users,
-                                          device=dev, autocast_dtype=amp)
-            logger.log({f"valid/{k}": v for k, v in metrics.items()}, step=step)
-            improved = metrics["ndcg@10"] > best
-            if improved:
-                best, bad_evals = metrics["ndcg@10"], 0
-                atomic_torch_save({"model": model.state_dict(), "step": step, "valid": metrics,
-                                   "layout": layout.to_dict(), "architecture": architecture,
-                                   "config": resolved_config()}, best_path)
-            else:
-                bad_evals += 1
-            tqdm.write(f"[decoder] step {step} epoch {epoch}: loss {loss.item():.3f} valid ndcg@10 "
-                       f"{metrics['ndcg@10']:.4f} recall@10 {metrics['recall@10']:.4f}{' *' if improved else ''}",
-                       file=sys.stderr)
-            checkpoint()
-            t_seg = time.time()
-            if out_of_time or (patience is not None and bad_evals >= patience):
-                stopped_early = True
-                break
-    train_seconds += time.time() - t_seg
-    bar.close()
-    if step < max_steps and not stopped_early:  # stopped on purpose (stop_after_steps)
-        checkpoint()
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+    common = dict(batch_size=eval_batch_size, use_user=use_user, device=dev, autocast_dtype=amp)
+
+    def validate():
+        return evaluate_generative(model, valid, item_codes, layout, trie, beam_size=beam_size,
+                                   max_users=eval_users, **common)
+
+    loop, logger = train_loop(
+        model=model, optimizer=optimizer, scheduler=scheduler, num_examples=len(train), batch_size=batch_size,
+        loss_fn=loss_fn, validate=validate, out_dir=out, max_steps=max_steps, eval_every=eval_every, seed=seed,
+        grad_clip=grad_clip, patience=patience, max_train_minutes=max_train_minutes,
+        stop_after_steps=stop_after_steps, log_every=log_every, resume=resume, wandb_mode=wandb_mode,
+        wandb_project=wandb_project, run_name=run_name, desc="decoder",
+        best_payload={"layout": layout.to_dict(), "architecture": architecture})
+    if not loop.finished:  # stopped on purpose (stop_after_steps): resume later from last.pt
         logger.finish()
-        result = {"stopped_at_step": step, "checkpoint": str(last_path)}
+        result = {"stopped_at_step": loop.step, "checkpoint": str(out / "last.pt")}
         print_result(result)
         return result
 
     # ---- test the best-validation checkpoint
-    if best_path.exists():
-        model.load_state_dict(torch.load(best_path, map_location=dev, weights_only=False)["model"])
-    common = dict(batch_size=eval_batch_size, use_user=use_user, device=dev, autocast_dtype=amp)
+    load_best(model, out)
     valid_metrics = evaluate_generative(model, valid, item_codes, layout, trie, beam_size=beam_size, **common)
     test_metrics = evaluate_generative(model, test, item_codes, layout, trie, beam_size=beam_size, **common)
     free = evaluate_generative(model, test, item_codes, layout, trie, beam_size=beam_size, unconstrained=True,
@@ -218,10 +166,9 @@ def train_decoder(
         "unconstrained_test": {k: free[k] for k in REPORT_KEYS},
         "invalid_rate": free["invalid_rate"],
         "popularity": {k: pop_metrics[k] for k in REPORT_KEYS},
-        "steps": step,
-        "best_step": torch.load(best_path, map_location="cpu", weights_only=False)["step"]
-        if best_path.exists() else step,
-        "train_seconds": round(train_seconds, 1),
+        "steps": loop.step,
+        "best_step": loop.best_step,
+        "train_seconds": round(loop.train_seconds, 1),
         "eval_users_per_second": round(test_metrics["users_per_second"], 1),
         "beam_size": beam_size,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
@@ -230,7 +177,7 @@ def train_decoder(
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()
     if push_to_hub:
-        push_recommender(push_to_hub, best_path, tok)
+        push_recommender(push_to_hub, out / "best.pt", tok)
         result["hub"] = push_to_hub
     print_result(result)
     return result

@@ -15,12 +15,15 @@ import os
 import random
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import gin
 import numpy as np
 import torch
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- gin CLI
 
@@ -243,3 +246,104 @@ def make_logger(wandb_mode: str, project: str, name: str | None, directory: str 
     if wandb_mode == "disabled":
         return NoOpLogger()
     return WandbLogger(project, name, {"gin": resolved_config()}, wandb_mode, directory, resume_id)
+
+
+# ----------------------------------------------------------------------------- the shared loop
+
+
+@dataclass
+class LoopResult:
+    step: int  # global steps done
+    finished: bool  # False when stopped on purpose by stop_after_steps (resume later)
+    best: float  # best validation value of the selection metric (-1 if never validated)
+    best_step: int
+    train_seconds: float  # wall time spent in training steps + validation, all runs of this out_dir
+
+
+def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: int, batch_size: int,
+               loss_fn: Callable[[np.ndarray], torch.Tensor], validate: Callable[[], dict], out_dir: Path,
+               max_steps: int, eval_every: int, seed: int, metric: str = "ndcg@10", grad_clip: float | None = 1.0,
+               patience: int | None = None, max_train_minutes: float | None = None,
+               stop_after_steps: int | None = None, log_every: int = 100, resume: bool = True,
+               wandb_mode: str = "disabled", wandb_project: str = "sidrec", run_name: str | None = None,
+               best_payload: dict | None = None, desc: str = "train") -> tuple[LoopResult, NoOpLogger]:
+    """Train ``model`` on batches of example indices with validation-based model selection.
+
+    ``loss_fn(indices) -> scalar loss`` builds and scores one batch; ``validate() -> metrics``
+    (must contain ``metric``, higher is better). Writes ``out_dir/last.pt`` (everything needed
+    to resume exactly) after every validation and ``out_dir/best.pt`` (model weights, step,
+    metrics, ``best_payload``, config) when the metric improves. Stops at ``max_steps``, after
+    ``patience`` validations without improvement, or when the cumulative training time passes
+    ``max_train_minutes`` (each followed by a final validation). Returns the loop result and the
+    open logger (the caller logs test results and calls ``finish``).
+    """
+    out_dir = Path(out_dir)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    step, best, best_step, bad_evals, train_seconds, run_id = 0, -1.0, 0, 0, 0.0, None
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler)
+        step = state["step"]
+        best, best_step, bad_evals, train_seconds, run_id = (
+            state["extra"][k] for k in ("best", "best_step", "bad_evals", "train_seconds", "wandb_id"))
+        print(f"[{desc}] resumed from {last_path} at step {step} (best {metric} {best:.4f})", file=sys.stderr)
+    logger = make_logger(wandb_mode, wandb_project, run_name or out_dir.name, out_dir, resume_id=run_id)
+    run_id = getattr(logger, "run_id", None)
+
+    def save_last() -> None:
+        save_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
+                        extra={"best": best, "best_step": best_step, "bad_evals": bad_evals,
+                               "train_seconds": train_seconds, "wandb_id": run_id})
+
+    stop_at = max_steps if stop_after_steps is None else min(max_steps, step + stop_after_steps)
+    bar = tqdm(total=max_steps, initial=step, desc=desc, disable=None, file=sys.stderr)
+    batches = batch_indices(num_examples, batch_size, seed, start_step=step)
+    model.train()
+    t_seg, done = time.time(), False
+    while step < stop_at and not done:
+        step, epoch, idx = next(batches)
+        loss = loss_fn(idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        if step % log_every == 0:
+            logger.log({"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
+                        "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+        out_of_time = max_train_minutes is not None and train_seconds + time.time() - t_seg >= 60 * max_train_minutes
+        if step % eval_every == 0 or step == max_steps or out_of_time:
+            metrics = validate()
+            model.train()
+            logger.log({f"valid/{k}": v for k, v in metrics.items()}, step=step)
+            improved = metrics[metric] > best
+            if improved:
+                best, best_step, bad_evals = metrics[metric], step, 0
+                atomic_torch_save({"model": model.state_dict(), "step": step, "valid": metrics,
+                                   "config": resolved_config(), **(best_payload or {})}, best_path)
+            else:
+                bad_evals += 1
+            tqdm.write(f"[{desc}] step {step} epoch {epoch}: loss {loss.item():.3f} valid {metric} "
+                       f"{metrics[metric]:.4f}{' (best)' if improved else ''}", file=sys.stderr)
+            done = out_of_time or (patience is not None and bad_evals >= patience)
+            train_seconds += time.time() - t_seg
+            t_seg = time.time()
+            save_last()
+    train_seconds += time.time() - t_seg
+    bar.close()
+    finished = done or step >= max_steps
+    if not finished:
+        save_last()
+    return LoopResult(step, finished, best, best_step, train_seconds), logger
+
+
+def load_best(model: torch.nn.Module, out_dir: str | Path) -> dict | None:
+    """Load ``out_dir/best.pt`` weights into ``model``; returns its payload (None if absent)."""
+    path = Path(out_dir) / "best.pt"
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return state
