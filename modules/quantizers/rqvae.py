@@ -1,0 +1,228 @@
+"""RQ-VAE (TIGER): MLP encoder -> residual quantizer (L levels x K codes) -> MLP decoder.
+
+Why not vector-quantize-pytorch's ResidualVQ: we need three gradient estimators through the
+same residual quantizer - straight-through, the rotation trick (Fifty et al. 2024) and a soft
+Gumbel-softmax assignment - plus TIGER's learnable codebooks trained by a codebook loss
+(||sg[r] - e||^2 + beta ||r - sg[e]||^2). The library's gumbel option asserts against the
+rotation trick and against learnable codebooks, and its EMA codebooks have no codebook loss,
+so using it would mean two code paths for one model. One ~100-line residual loop below does
+all three modes; the only extras it needs are k-means init (shared with RQ-KMeans) and an
+EMA usage count for dead-code replacement, both small.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modules.quantizers.rqkmeans import kmeans
+
+QUANTIZE_MODES = ("ste", "rotation", "gumbel")
+
+
+class RQVAEOutput(NamedTuple):
+    """Output of RQVAE / FSQTokenizer forward. Losses are scalars; loss = recon_loss + quant_loss."""
+
+    recon: Tensor  # (B, input_dim)
+    codes: Tensor  # (B, L) long
+    recon_loss: Tensor
+    quant_loss: Tensor
+    loss: Tensor
+
+
+def mlp(dims: Sequence[int]) -> nn.Sequential:
+    """Linear layers with ReLU between them (none after the last: latents/reconstructions are unbounded)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def rotation_trick(src: Tensor, tgt: Tensor, eps: float = 1e-8) -> Tensor:
+    """Rotation-trick estimator (Fifty et al. 2024, sec. 4.2): forward value is `tgt`; the
+    gradient reaching `src` is the output gradient rotated by the (constant) rotation that
+    takes src's direction to tgt's and scaled by |tgt|/|src|.
+
+    R = I - 2 w w^T + 2 v u^T with u = src/|src|, v = tgt/|tgt|, w = (u+v)/|u+v|, applied
+    to src without materialising R (vector-quantize-pytorch's `rotate_to` is the same maths,
+    but it is not part of that package's public API).
+    """
+    src_norm = src.norm(dim=-1, keepdim=True).clamp_min(eps)
+    tgt_norm = tgt.norm(dim=-1, keepdim=True).clamp_min(eps)
+    u = (src / src_norm).detach()
+    v = (tgt / tgt_norm).detach()
+    w = F.normalize(u + v, dim=-1, eps=eps)
+    rotated = src - 2 * (src * w).sum(-1, keepdim=True) * w + 2 * (src * u).sum(-1, keepdim=True) * v
+    return rotated * (tgt_norm / src_norm).detach()
+
+
+@dataclass
+class RQVAEConfig:
+    input_dim: int = 384
+    hidden_dims: Sequence[int] = field(default_factory=lambda: [512, 256, 128])
+    latent_dim: int = 32
+    num_levels: int = 3
+    codebook_size: int = 256
+    beta: float = 0.25  # commitment weight
+    quantize_mode: str = "ste"  # "ste" | "rotation" | "gumbel"
+    distance: str = "euclidean"  # "euclidean" | "cosine" (cosine only picks the code; see _distances)
+    kmeans_init: bool = True  # k-means init from the first training batch unless init_codebooks ran
+    kmeans_iters: int = 20
+    # Dead codes: a code whose EMA share of assignments falls below
+    # dead_code_threshold / codebook_size (i.e. below that fraction of uniform use) is re-seeded
+    # with a random residual of the current batch. Relative to uniform use so that it does not
+    # depend on the batch size (vector-quantize-pytorch's threshold_ema_dead_code is a count).
+    # Fresh and re-seeded codes start at the uniform share, so with usage_decay 0.99 a code must
+    # stay unused ~230 steps (ln 0.1 / ln 0.99) before it counts as dead. 0 disables it.
+    dead_code_threshold: float = 0.1
+    usage_decay: float = 0.99
+
+    def __post_init__(self):
+        if self.quantize_mode not in QUANTIZE_MODES:
+            raise ValueError(f"RQVAEConfig.quantize_mode: {self.quantize_mode!r} not in {QUANTIZE_MODES}")
+        if self.distance not in ("euclidean", "cosine"):
+            raise ValueError(f"RQVAEConfig.distance: {self.distance!r} not in ('euclidean', 'cosine')")
+        self.hidden_dims = list(self.hidden_dims)
+
+
+class RQVAE(nn.Module):
+    """TIGER's RQ-VAE. `forward(x, temperature) -> RQVAEOutput`, `encode(x) -> codes (B, L)`.
+
+    Codes are always the hard nearest codes of the residual chain r_0 = z,
+    r_{l+1} = r_l - e_l, so forward (in any mode) and encode give the same codes. The mode
+    only changes what the decoder sees and how gradients get back to the encoder.
+    """
+
+    def __init__(self, config: RQVAEConfig | None = None, **kwargs):
+        super().__init__()
+        self.config = c = config if config is not None else RQVAEConfig(**kwargs)
+        self.encoder = mlp([c.input_dim, *c.hidden_dims, c.latent_dim])
+        self.decoder = mlp([c.latent_dim, *reversed(c.hidden_dims), c.input_dim])
+        codebooks = torch.empty(c.num_levels, c.codebook_size, c.latent_dim)
+        nn.init.kaiming_uniform_(codebooks)
+        self.codebooks = nn.Parameter(codebooks)  # (L, K, d)
+        self.register_buffer("initted", torch.tensor(not c.kmeans_init))
+        self.register_buffer("usage", torch.full((c.num_levels, c.codebook_size), 1 / c.codebook_size))
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return [self.config.codebook_size] * self.config.num_levels
+
+    def _distances(self, r: Tensor, codebook: Tensor) -> Tensor:
+        """(B, K), smaller is closer. Cosine compares directions only; the code vector keeps its
+        norm so the residual arithmetic stays in the latent space."""
+        if self.config.distance == "cosine":
+            return -F.normalize(r, dim=-1) @ F.normalize(codebook, dim=-1).T
+        return (r.pow(2).sum(1, keepdim=True) - 2 * r @ codebook.T + codebook.pow(2).sum(1)).clamp_min(0)
+
+    @torch.no_grad()
+    def init_codebooks(self, x: Tensor) -> None:
+        """Residual k-means on the encoder latents of x (input space, (N, input_dim)).
+
+        Called on the first training batch when config.kmeans_init and not done yet; calling it
+        yourself on all item embeddings (or a large sample) gives better initial codebooks.
+        """
+        if x.shape[0] < self.config.codebook_size:
+            warnings.warn(
+                f"RQVAE.init_codebooks: k-means on {x.shape[0]} vectors for {self.config.codebook_size} codes "
+                f"leaves duplicate codes; pass more items (e.g. all embeddings) to init_codebooks",
+                stacklevel=2,
+            )
+        residual = self.encoder(x.to(self.codebooks))
+        gen = torch.Generator().manual_seed(int(torch.randint(2**31, (1,))))  # follows torch's seed
+        for level in range(self.config.num_levels):
+            cent, assign = kmeans(residual, self.config.codebook_size, self.config.kmeans_iters, gen)
+            self.codebooks.data[level] = cent
+            residual = residual - cent[assign]
+        self.initted.fill_(True)
+
+    @torch.no_grad()
+    def _replace_dead_codes(self, level: int, residual: Tensor) -> None:
+        k = self.config.codebook_size
+        dead = (self.usage[level] < self.config.dead_code_threshold / k).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return
+        pick = torch.randint(residual.shape[0], (dead.numel(),), device=residual.device)
+        self.codebooks.data[level, dead] = residual[pick]
+        self.usage[level, dead] = 1 / k
+
+    def quantize(self, z: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        """Residual-quantize latents z (B, d) -> (z_q, codes (B, L), quant_loss).
+
+        z_q's forward value is the sum of the chosen codes (or, for gumbel in training, the
+        soft mixture); its gradient path to z depends on quantize_mode. In training mode this
+        also updates usage counts and re-seeds dead codes (before they are used, so autograd
+        never sees an in-place change).
+        """
+        c = self.config
+        update = self.training and torch.is_grad_enabled()
+        residual, hard, soft = z, 0.0, 0.0
+        codes, quant_loss = [], z.new_zeros(())
+        for level in range(c.num_levels):
+            if update and c.dead_code_threshold > 0:
+                self._replace_dead_codes(level, residual.detach())
+            codebook = self.codebooks[level]
+            dist = self._distances(residual, codebook)
+            idx = dist.argmin(1)
+            e = codebook[idx]
+            # TIGER: codebook loss moves codes to the (frozen) residuals, commitment the reverse.
+            quant_loss = quant_loss + F.mse_loss(e, residual.detach()) + c.beta * F.mse_loss(residual, e.detach())
+            if c.quantize_mode == "gumbel" and self.training:
+                weights = F.gumbel_softmax(-dist, tau=temperature, hard=False)
+                soft = soft + weights @ codebook
+            if update:
+                with torch.no_grad():
+                    share = torch.bincount(idx, minlength=c.codebook_size).to(self.usage) / idx.numel()
+                    self.usage[level].mul_(c.usage_decay).add_(share, alpha=1 - c.usage_decay)
+            hard = hard + e.detach()
+            residual = residual - e.detach()
+            codes.append(idx)
+        if c.quantize_mode == "gumbel" and self.training:
+            z_q = soft
+        elif not z.requires_grad:  # no gradient to route: use the exact sum (STE/rotation add fp noise)
+            z_q = hard
+        elif c.quantize_mode == "rotation":
+            z_q = rotation_trick(z, hard)
+        else:
+            z_q = z + (hard - z).detach()
+        return z_q, torch.stack(codes, 1), quant_loss
+
+    def forward(self, x: Tensor, temperature: float = 1.0) -> RQVAEOutput:
+        """x (B, input_dim) -> RQVAEOutput. `temperature` is only used by quantize_mode="gumbel"
+        (the caller anneals it). In training mode: k-means init on the first batch (if
+        configured), codebook usage tracking and dead-code re-seeding."""
+        if self.training and not bool(self.initted):
+            self.init_codebooks(x)
+        z = self.encoder(x)
+        z_q, codes, quant_loss = self.quantize(z, temperature)
+        recon = self.decoder(z_q)
+        recon_loss = F.mse_loss(recon, x)
+        return RQVAEOutput(recon, codes, recon_loss, quant_loss, recon_loss + quant_loss)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Hard codes (B, L) of x; no side effects (no usage update, no k-means init)."""
+        residual = self.encoder(x.to(self.codebooks))
+        codes = []
+        for codebook in self.codebooks:
+            idx = self._distances(residual, codebook).argmin(1)
+            residual = residual - codebook[idx]
+            codes.append(idx)
+        return torch.stack(codes, 1)
+
+    def codes_to_latent(self, codes: Tensor) -> Tensor:
+        """Sum of the code vectors of the first codes.shape[1] levels, (B, latent_dim)."""
+        codes = codes.to(self.codebooks.device)
+        levels = torch.arange(codes.shape[1], device=codes.device)
+        return self.codebooks[levels, codes].sum(1)
+
+    def decode_codes(self, codes: Tensor) -> Tensor:
+        """Reconstruction (B, input_dim) from codes (B, L)."""
+        return self.decoder(self.codes_to_latent(codes))

@@ -1,0 +1,443 @@
+"""Semantic IDs: dedup level, collision/usage metrics, item <-> code lookup, a saveable
+tokenizer (Hugging Face Hub mixin) and a dependency-free codebook-usage plot.
+
+Typical use (after training a quantizer `q` on item embeddings `emb`):
+
+    codes = q.encode(emb)                                   # (N, L)
+    item_codes = add_dedup_level(codes, max_size=256)       # (N, L+1), unique rows
+    tok = SemanticIdTokenizer(q, item_codes, raw_ids=raw_ids)
+    tok.save_pretrained("out/tokenizer")                    # or tok.push_to_hub("user/repo")
+    tok = SemanticIdTokenizer.from_pretrained("out/tokenizer")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import uuid
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from huggingface_hub import ModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from modules.quantizers.fsq import FSQConfig, FSQTokenizer
+from modules.quantizers.rqkmeans import RQKMeans, RQKMeansConfig
+from modules.quantizers.rqvae import RQVAE, RQVAEConfig
+
+# kind -> (module class, config dataclass); the kind string is what config.json stores.
+QUANTIZERS: dict[str, tuple[type[nn.Module], type]] = {
+    "rqvae": (RQVAE, RQVAEConfig),
+    "rqkmeans": (RQKMeans, RQKMeansConfig),
+    "fsq": (FSQTokenizer, FSQConfig),
+}
+
+
+# ----------------------------------------------------------------------------- dedup + metrics
+
+
+def _check_codes(codes: Tensor, name: str = "codes") -> Tensor:
+    if codes.ndim != 2 or codes.dtype.is_floating_point:
+        raise ValueError(f"{name}: expected an integer tensor (N, L), got {codes.dtype} {tuple(codes.shape)}")
+    if codes.numel() and int(codes.min()) < 0:
+        raise ValueError(f"{name}: codes must be >= 0, found {int(codes.min())}")
+    return codes.long()
+
+
+def _groups(codes: Tensor) -> tuple[Tensor, Tensor]:
+    """(group id per item, group sizes) where a group = items with the same full code row."""
+    _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
+    return inverse, counts
+
+
+def add_dedup_level(codes: Tensor, max_size: int | None = None) -> Tensor:
+    """Append TIGER's dedup code: the rank of each item (by item_id) among the items that share
+    its L-code prefix, so the (N, L+1) rows are unique. max_size is the dedup level's codebook
+    size; None means "as large as needed" (largest group size)."""
+    codes = _check_codes(codes)
+    n = codes.shape[0]
+    if n == 0:
+        return codes.new_zeros(0, codes.shape[1] + 1)
+    group, counts = _groups(codes)
+    largest = int(counts.max())
+    if max_size is not None and largest > max_size:
+        raise ValueError(
+            f"add_dedup_level: largest group has {largest} items sharing one {codes.shape[1]}-code prefix "
+            f"but the dedup level has only {max_size} codes; raise max_size or lower collisions "
+            f"(train the quantizer longer, larger codebooks, dead-code replacement, balanced RQ-KMeans)"
+        )
+    # Stable sort by group keeps item_id order inside a group; rank = position - group start.
+    order = torch.argsort(group, stable=True)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(group)
+    rank[order] = torch.arange(n, device=codes.device) - starts[group[order]]
+    return torch.cat([codes, rank[:, None]], 1)
+
+
+def collision_stats(codes: Tensor) -> dict:
+    """collision_rate: fraction of items whose full code row is shared with another item;
+    items_in_collisions: their count; max_group: largest number of items on one row;
+    num_groups: number of distinct rows."""
+    codes = _check_codes(codes)
+    n = codes.shape[0]
+    if n == 0:
+        return {"collision_rate": 0.0, "max_group": 0, "num_groups": 0, "items_in_collisions": 0}
+    group, counts = _groups(codes)
+    in_collision = int((counts[group] > 1).sum())
+    return {
+        "collision_rate": in_collision / n,
+        "max_group": int(counts.max()),
+        "num_groups": int(counts.numel()),
+        "items_in_collisions": in_collision,
+    }
+
+
+def _level_counts(codes: Tensor, codebook_sizes: Sequence[int] | None) -> list[Tensor]:
+    codes = _check_codes(codes)
+    if codebook_sizes is None:
+        codebook_sizes = [int(codes[:, l].max()) + 1 if len(codes) else 1 for l in range(codes.shape[1])]
+    if len(codebook_sizes) != codes.shape[1]:
+        raise ValueError(f"codebook_sizes: {len(codebook_sizes)} sizes for {codes.shape[1]} code levels")
+    out = []
+    for level, size in enumerate(codebook_sizes):
+        if len(codes) and int(codes[:, level].max()) >= size:
+            raise ValueError(f"codes[:, {level}]: code {int(codes[:, level].max())} >= codebook size {size}")
+        out.append(torch.bincount(codes[:, level], minlength=size))
+    return out
+
+
+def codebook_usage(codes: Tensor, codebook_sizes: Sequence[int]) -> list[float]:
+    """Per level: fraction of the codebook that at least one item uses."""
+    return [float((c > 0).sum()) / c.numel() for c in _level_counts(codes, codebook_sizes)]
+
+
+def codebook_perplexity(codes: Tensor, codebook_sizes: Sequence[int] | None = None) -> list[float]:
+    """Per level: exp(entropy) of the code distribution (= number of equally used codes)."""
+    out = []
+    for c in _level_counts(codes, codebook_sizes):
+        p = c.double() / max(int(c.sum()), 1)
+        p = p[p > 0]
+        out.append(float(torch.exp(-(p * p.log()).sum())))
+    return out
+
+
+# ----------------------------------------------------------------------------- item <-> code
+
+
+class ItemCodeTable:
+    """Both-way map item_id <-> code row.
+
+    code row -> item_id: each row is folded into one int64 key, key = key * m_l + code_l. With
+    m_l = codebook size this is exact mixed radix while prod(sizes) < 2^63; for bigger code
+    spaces m_l is a large odd constant and the (wrapping) key is a hash. Keys are sorted once;
+    a lookup is a searchsorted plus a check that the found row equals the query, so a hash
+    can never return a wrong item (and colliding table rows are rejected at build time).
+    """
+
+    _HASH_MULT = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (odd, golden-ratio mixing)
+
+    def __init__(self, item_codes: Tensor, codebook_sizes: Sequence[int] | None = None):
+        self.codes = _check_codes(item_codes, "item_codes")
+        n, length = self.codes.shape
+        sizes = [int(c.numel()) for c in _level_counts(self.codes, codebook_sizes)]
+        exact = math.prod(sizes) < 2**63
+        self._mult = sizes if exact else [self._HASH_MULT] * length
+        keys = self._keys(self.codes)
+        self._sorted_keys, self._order = keys.sort()
+        same = (self._sorted_keys[1:] == self._sorted_keys[:-1]).nonzero()
+        if same.numel():
+            i, j = (int(self._order[int(same[0]) + k]) for k in (0, 1))
+            if torch.equal(self.codes[i], self.codes[j]):
+                raise ValueError(
+                    f"ItemCodeTable: items {i} and {j} share the code {tuple(self.codes[i].tolist())}, so code -> item "
+                    f"is ambiguous; make rows unique first with add_dedup_level"
+                )
+            raise ValueError(f"ItemCodeTable: hash collision between items {i} and {j}; please report")
+
+    def _keys(self, codes: Tensor) -> Tensor:
+        key = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
+        for level, mult in enumerate(self._mult):
+            key = key * mult + codes[..., level]
+        return key
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    def codes_of(self, item_ids: Tensor) -> Tensor:
+        """(..., ) item ids -> (..., L) codes."""
+        return self.codes[item_ids]
+
+    def ids_of(self, codes: Tensor) -> Tensor:
+        """(..., L) codes -> (...,) item ids, -1 where no item has that code row."""
+        codes = codes.long().to(self.codes.device)
+        if codes.shape[-1] != self.codes.shape[1]:
+            raise ValueError(
+                f"ItemCodeTable.ids_of: codes have {codes.shape[-1]} levels, the table {self.codes.shape[1]}"
+            )
+        keys = self._keys(codes)
+        pos = torch.searchsorted(self._sorted_keys, keys).clamp_max(len(self) - 1)
+        cand = self._order[pos]
+        ok = (self._sorted_keys[pos] == keys) & (self.codes[cand] == codes).all(-1)
+        return torch.where(ok, cand, torch.full_like(cand, -1))
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """write(tmp_path) then rename over `path`, so readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CODES_FILE = "item_codes.safetensors"
+RAW_IDS_FILE = "raw_ids.json"
+FORMAT_VERSION = 1
+
+
+class SemanticIdTokenizer(nn.Module, ModelHubMixin, library_name="sidrec", tags=["semantic-ids", "recommendation"]):
+    """A trained quantizer plus the semantic IDs of every item of the dataset.
+
+    quantizer: RQVAE | RQKMeans | FSQTokenizer, or None when only the code table is kept.
+    item_codes: (N, L') with L' = quantizer levels + dedup level(s) (item_id = row index).
+    codebook_sizes: per level of item_codes; default = quantizer's sizes, then max + 1 for
+        the extra (dedup) levels.
+    raw_ids: optional dataset ids (e.g. ASINs) of item 0..N-1, saved so a downstream user can
+        `check_raw_ids` against their own processed dataset.
+
+    Files: config.json, model.safetensors (quantizer state), item_codes.safetensors,
+    raw_ids.json (if raw_ids), README.md. `from_pretrained` takes a local directory or a Hub
+    repo id; `push_to_hub(repo_id)` comes from huggingface_hub.ModelHubMixin.
+    """
+
+    def __init__(
+        self,
+        quantizer: nn.Module | None,
+        item_codes: Tensor,
+        codebook_sizes: Sequence[int] | None = None,
+        raw_ids: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        self.kind = None
+        if quantizer is not None:
+            kinds = [k for k, (cls, _) in QUANTIZERS.items() if isinstance(quantizer, cls)]
+            if not kinds:
+                raise TypeError(f"SemanticIdTokenizer: unsupported quantizer {type(quantizer).__name__}")
+            self.kind = kinds[0]
+        self.quantizer = quantizer
+        item_codes = _check_codes(torch.as_tensor(item_codes), "item_codes")
+        if codebook_sizes is None:
+            known = list(quantizer.codebook_sizes) if quantizer is not None else []
+            extra = _level_counts(item_codes[:, len(known) :], None) if item_codes.shape[1] > len(known) else []
+            codebook_sizes = known + [c.numel() for c in extra]
+        self.codebook_sizes = [int(s) for s in codebook_sizes]
+        _level_counts(item_codes, self.codebook_sizes)  # validates ranges and the number of levels
+        # Non-persistent: moves with .to(device) but lives in its own file, not the weights.
+        self.register_buffer("item_codes", item_codes, persistent=False)
+        if raw_ids is not None and len(raw_ids) != len(item_codes):
+            raise ValueError(f"raw_ids: {len(raw_ids)} ids for {len(item_codes)} items")
+        self.raw_ids = list(raw_ids) if raw_ids is not None else None
+        self._table: ItemCodeTable | None = None
+
+    @property
+    def num_items(self) -> int:
+        return self.item_codes.shape[0]
+
+    @property
+    def table(self) -> ItemCodeTable:
+        """item_id <-> code lookup, built on first use."""
+        if self._table is None or self._table.codes.device != self.item_codes.device:
+            self._table = ItemCodeTable(self.item_codes, self.codebook_sizes)
+        return self._table
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Quantizer codes (B, L) of embeddings x (no dedup level: that only exists for items in the table)."""
+        if self.quantizer is None:
+            raise RuntimeError("SemanticIdTokenizer.encode: this tokenizer has no quantizer")
+        return self.quantizer.encode(x)
+
+    def check_raw_ids(self, raw_ids: Sequence[str]) -> None:
+        """Raise ValueError unless raw_ids equals the saved item order."""
+        if self.raw_ids is None:
+            raise ValueError("check_raw_ids: this tokenizer was saved without raw_ids")
+        if len(raw_ids) != len(self.raw_ids):
+            raise ValueError(f"check_raw_ids: {len(raw_ids)} ids given, tokenizer has {len(self.raw_ids)} items")
+        for i, (a, b) in enumerate(zip(raw_ids, self.raw_ids)):
+            if str(a) != str(b):
+                raise ValueError(f"check_raw_ids: item_id {i} is {a!r} in your data but {b!r} in the tokenizer")
+
+    # -- ModelHubMixin hooks ---------------------------------------------------------------
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        save_directory = Path(save_directory)
+        config = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "quantizer_config": asdict(self.quantizer.config) if self.quantizer is not None else None,
+            "codebook_sizes": self.codebook_sizes,
+            "num_items": self.num_items,
+            "code_length": self.item_codes.shape[1],
+            "has_raw_ids": self.raw_ids is not None,
+        }
+        if self.quantizer is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.quantizer.state_dict().items()}
+            _atomic_write(save_directory / WEIGHTS_FILE, lambda p: save_file(state, p))
+        codes = {"item_codes": self.item_codes.detach().cpu().contiguous()}
+        _atomic_write(save_directory / CODES_FILE, lambda p: save_file(codes, p))
+        if self.raw_ids is not None:
+            _write_text(save_directory / RAW_IDS_FILE, json.dumps([str(r) for r in self.raw_ids]))
+        card = (
+            f"# Semantic-ID tokenizer ({self.kind or 'code table only'})\n\n"
+            f"{self.num_items} items, {self.item_codes.shape[1]} codes per item, "
+            f"codebook sizes {self.codebook_sizes}. Saved by sidrec (`SemanticIdTokenizer.from_pretrained`).\n"
+        )
+        _write_text(save_directory / "README.md", card)
+        # Written last: the mixin only writes its own config.json if this one is missing.
+        _write_text(save_directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        map_location: str | torch.device = "cpu",
+        **unused,  # the mixin also passes config.json values that match __init__ argument names
+    ) -> "SemanticIdTokenizer":
+        def fetch(filename: str) -> str:
+            if os.path.isdir(model_id):
+                path = os.path.join(model_id, filename)
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(
+                        f"{path}: missing; a SemanticIdTokenizer directory (save_pretrained) needs it"
+                    )
+                return path
+            try:
+                return hf_hub_download(
+                    repo_id=model_id, filename=filename, revision=revision, cache_dir=cache_dir,
+                    force_download=force_download, local_files_only=local_files_only, token=token,
+                )
+            except EntryNotFoundError as e:
+                if isinstance(e, FileNotFoundError):  # offline and not cached: the hub's message says so
+                    raise
+                raise FileNotFoundError(f"{model_id}/{filename}: missing in the Hub repo") from e
+
+        config_path = fetch(CONFIG_FILE)
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        for key in ("kind", "quantizer_config", "codebook_sizes", "num_items", "code_length", "has_raw_ids"):
+            if key not in config:
+                raise ValueError(f"{config_path}: field {key!r} missing")
+        quantizer = None
+        if config["kind"] is not None:
+            if config["kind"] not in QUANTIZERS:
+                raise ValueError(f"{config_path}: field 'kind' = {config['kind']!r} not in {sorted(QUANTIZERS)}")
+            module_cls, config_cls = QUANTIZERS[config["kind"]]
+            try:
+                quantizer = module_cls(config_cls(**config["quantizer_config"]))
+            except TypeError as e:
+                raise ValueError(
+                    f"{config_path}: field 'quantizer_config' does not fit {config_cls.__name__}: {e}"
+                ) from e
+            weights_path = fetch(WEIGHTS_FILE)
+            try:
+                quantizer.load_state_dict(load_file(weights_path, device=str(map_location)), strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"{weights_path}: weights do not match {config_path}: {e}") from e
+            quantizer.eval()
+        codes_path = fetch(CODES_FILE)
+        item_codes = load_file(codes_path, device=str(map_location)).get("item_codes")
+        expected = (config["num_items"], config["code_length"])
+        if item_codes is None or tuple(item_codes.shape) != expected:
+            got = None if item_codes is None else tuple(item_codes.shape)
+            raise ValueError(f"{codes_path}: tensor 'item_codes' has shape {got}, {config_path} says {expected}")
+        raw_ids = None
+        if config["has_raw_ids"]:
+            with open(fetch(RAW_IDS_FILE), encoding="utf-8") as f:
+                raw_ids = json.load(f)
+        return cls(quantizer, item_codes, config["codebook_sizes"], raw_ids)
+
+
+# ----------------------------------------------------------------------------- plot
+
+# 3x5 pixel glyphs (rows top to bottom) for the panel titles; matplotlib is not a dependency.
+_GLYPHS = {
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
+    "8": "111101111101111", "9": "111101111001111", "L": "100100100100111", "/": "001001010100100",
+    " ": "000000000000000", "u": "000101101101111", "s": "000011110011110", "e": "010101111100011",
+    "d": "001011101101011", "m": "000110111101101", "a": "000110011101011", "x": "000101010101101",
+}
+
+
+def _draw_text(img: np.ndarray, text: str, y: int, x: int, scale: int = 2, color=(0, 0, 0)) -> None:
+    for ch in text:
+        bits = np.array([int(b) for b in _GLYPHS.get(ch, _GLYPHS[" "])], dtype=bool).reshape(5, 3)
+        mask = bits.repeat(scale, 0).repeat(scale, 1)
+        img[y : y + 5 * scale, x : x + 3 * scale][mask] = color
+        x += 4 * scale
+
+
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    """Minimal PNG encoder: 8-bit RGB, filter 0 on every row, one zlib IDAT chunk."""
+    h, w, _ = rgb.shape
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], 1).tobytes()
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+
+
+def plot_codebook_usage(codes: Tensor, codebook_sizes: Sequence[int], path: str | Path, width: int = 768) -> Path:
+    """PNG with one bar chart per level: number of items per code (x = code index, bar height
+    relative to the level's most used code). Unused codes get a red tick under the axis; when
+    a level has more codes than pixels, a column shows the max over its codes. Returns path."""
+    counts = [c.cpu().numpy() for c in _level_counts(codes, codebook_sizes)]
+    panel_h, title_h, margin = 100, 16, 8
+    step = title_h + panel_h + 2 * margin
+    img = np.full((len(counts) * step + margin, width + 2 * margin, 3), 255, np.uint8)
+    for level, cnt in enumerate(counts):
+        k = len(cnt)
+        top = level * step + margin
+        _draw_text(img, f"L{level} used {(cnt > 0).sum()}/{k} max {cnt.max()}", top, margin)
+        base = top + title_h + panel_h  # first row below the bars
+        starts = (np.arange(width) * k) // width  # first code shown in each pixel column
+        tall = np.maximum.reduceat(cnt, starts)
+        unused = np.minimum.reduceat(cnt, starts) == 0
+        heights = np.round(tall / max(cnt.max(), 1) * panel_h).astype(int)
+        gaps = np.zeros(width, bool)
+        if width // k >= 3:  # room for a white pixel between neighbouring bars
+            gaps[:-1] = starts[1:] != starts[:-1]
+        rows = np.arange(top + title_h, base)[:, None]
+        bars = (rows >= base - heights[None, :]) & ~gaps[None, :]
+        img[top + title_h : base, margin : margin + width][bars] = (40, 90, 200)
+        img[base, margin : margin + width] = (120, 120, 120)
+        img[base + 1 : base + 4, margin : margin + width][:, unused] = (220, 30, 30)
+    path = Path(path)
+    data = _png_bytes(img)
+    _atomic_write(path, lambda p: Path(p).write_bytes(data))
+    return path

@@ -1,0 +1,298 @@
+"""RQ-VAE, FSQ tokenizer and RQ-KMeans on tiny synthetic data (CPU, a few seconds)."""
+
+import math
+
+import pytest
+import torch
+
+from modules.quantizers.fsq import FSQConfig, FSQTokenizer
+from modules.quantizers.rqkmeans import RQKMeans, RQKMeansConfig, balanced_assign, kmeans
+from modules.quantizers.rqvae import RQVAE, RQVAEConfig, rotation_trick
+from modules.semantic_ids import collision_stats
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread is faster, and it avoids OpenMP spin-waiting when the
+    2 CI cores are shared with other processes (that made one run 40x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def clustered(n=256, k=16, dim=32, noise=0.3, seed=0):
+    """n points around k random centres (k divides n)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, dim, generator=g)
+    return centres[torch.arange(n) % k] + noise * torch.randn(n, dim, generator=g)
+
+
+def hierarchical(n_per=8, dim=32, ratio=0.5, noise=0.02, seed=0):
+    """x = a[i] + b[j] + c[l] over all (i, j, l): residual structure with n_per^3 items whose
+    ideal 3-level codes are (i, j, l)."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(n_per, dim, generator=g) * ratio**level for level in range(3)]
+    idx = torch.cartesian_prod(*[torch.arange(n_per)] * 3)
+    x = sum(p[idx[:, level]] for level, p in enumerate(parts))
+    return x + noise * torch.randn(len(idx), dim, generator=g), idx
+
+
+def tiny_rqvae(mode="ste", **kw):
+    cfg = dict(input_dim=32, hidden_dims=[64], latent_dim=16, num_levels=3, codebook_size=8, quantize_mode=mode)
+    return RQVAE(RQVAEConfig(**{**cfg, **kw}))
+
+
+def same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two labelings of the same points define the same clusters (up to renaming)."""
+    pairs = torch.unique(torch.stack([a, b], 1), dim=0).shape[0]
+    return pairs == torch.unique(a).numel() == torch.unique(b).numel()
+
+
+# ----------------------------------------------------------------------------- RQ-VAE
+
+
+@pytest.mark.parametrize("mode", ["ste", "rotation", "gumbel"])
+def test_recon_gradient_reaches_encoder(mode):
+    torch.manual_seed(0)
+    model = tiny_rqvae(mode).train()
+    out = model(clustered(64), temperature=0.7)
+    # Only the reconstruction loss: the commitment loss alone would reach the encoder anyway.
+    out.recon_loss.backward()
+    for name, p in model.encoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert out.codes.shape == (64, 3) and out.codes.dtype == torch.long
+
+
+def test_fsq_gradient_reaches_encoder():
+    torch.manual_seed(0)
+    model = FSQTokenizer(FSQConfig(input_dim=32, hidden_dims=[64], fsq_levels=[5, 5, 5], num_levels=2)).train()
+    out = model(clustered(64))
+    out.recon_loss.backward()
+    for name, p in model.encoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert out.codes.shape == (64, 2) and int(out.codes.max()) < 125
+    assert model.codebook_sizes == [125, 125]
+
+
+def test_codebook_learns_from_codebook_loss():
+    torch.manual_seed(0)
+    model = tiny_rqvae().train()
+    model(clustered(64)).quant_loss.backward()
+    assert model.codebooks.grad is not None and model.codebooks.grad.abs().sum() > 0
+
+
+def test_rotation_trick_value_and_gradient_against_explicit_matrix():
+    torch.manual_seed(0)
+    src = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    tgt = torch.randn(5, 7, dtype=torch.float64)
+    out = rotation_trick(src, tgt)
+    assert torch.allclose(out, tgt)  # forward value is the quantized vector
+    g = torch.randn(5, 7, dtype=torch.float64)
+    (out * g).sum().backward()
+    for i in range(5):  # gradient = lambda R^T g with R the rotation taking src's direction to tgt's
+        s, t = src[i].detach(), tgt[i]
+        u, v = s / s.norm(), t / t.norm()
+        w = (u + v) / (u + v).norm()
+        rot = torch.eye(7, dtype=torch.float64) - 2 * torch.outer(w, w) + 2 * torch.outer(v, u)
+        assert torch.allclose(rot @ u, v)
+        assert torch.allclose(rot.T @ rot, torch.eye(7, dtype=torch.float64))
+        assert torch.allclose(src.grad[i], t.norm() / s.norm() * rot.T @ g[i])
+
+
+@pytest.mark.parametrize("mode", ["ste", "rotation", "gumbel"])
+def test_forward_value_is_the_quantized_vector(mode):
+    torch.manual_seed(0)
+    model = tiny_rqvae(mode, dead_code_threshold=0.0).train()
+    x = clustered(64)
+    model.init_codebooks(x)
+    out = model(x)
+    assert torch.equal(out.codes, model.encode(x))  # training forward and encode agree on codes
+    expected = model.decode_codes(out.codes)  # decoder applied to the sum of the chosen codes
+    if mode != "gumbel":  # gumbel trains on a soft sample (next test)
+        assert torch.allclose(out.recon, expected, atol=1e-5)
+    model.eval()
+    assert torch.allclose(model(x).recon, expected, atol=1e-5)
+
+
+def test_gumbel_sample_hardens_as_temperature_drops():
+    torch.manual_seed(0)
+    model = tiny_rqvae("gumbel", num_levels=1, dead_code_threshold=0.0).train()
+    z = torch.randn(256, 16)
+    codebook = model.codebooks[0].detach()
+
+    def distance_to_nearest_code(temperature):
+        z_q, _, _ = model.quantize(z, temperature)
+        return float((z_q.detach()[:, None] - codebook[None]).norm(dim=-1).min(1).values.max())
+
+    assert distance_to_nearest_code(1e-4) < 1e-3  # one-hot: exactly a codebook row
+    assert distance_to_nearest_code(10.0) > 0.1  # soft mixture of rows
+
+
+def test_kmeans_init_beats_random_init():
+    torch.manual_seed(0)
+    x = clustered(512)
+    random_init = tiny_rqvae(kmeans_init=False)
+    kmeans_init = tiny_rqvae()
+    kmeans_init.load_state_dict(random_init.state_dict())
+    kmeans_init.init_codebooks(x)
+
+    def quant_error(model):
+        with torch.no_grad():
+            z = model.encoder(x)
+            return float((z - model.codes_to_latent(model.encode(x))).pow(2).sum(1).mean())
+
+    assert quant_error(kmeans_init) < 0.5 * quant_error(random_init)
+
+
+def test_first_training_batch_triggers_kmeans_init_once():
+    torch.manual_seed(0)
+    model = tiny_rqvae().train()
+    assert not bool(model.initted)
+    x = clustered(64)
+    model(x)
+    assert bool(model.initted)
+    before = model.codebooks.detach().clone()
+    model(x)  # no second init (dead-code replacement cannot fire: codes start at uniform use)
+    assert torch.equal(before, model.codebooks.detach())
+
+
+def test_dead_codes_are_reseeded_from_batch_residuals():
+    torch.manual_seed(0)
+    model = tiny_rqvae(kmeans_init=False, dead_code_threshold=0.6, usage_decay=0.5).train()
+    x = clustered(64)
+    with torch.no_grad():
+        z = model.encoder(x)
+        model.codebooks[0] = 100.0  # all level-0 codes far away ...
+        model.codebooks[0, 0] = z.mean(0)  # ... except one, which takes every item
+    model(x)  # usage of codes 1.. halves: 1/8 -> 1/16 < 0.6/8, so they die on the next step
+    model(x)
+    codes = model.encode(x)
+    assert torch.unique(codes[:, 0]).numel() > 1
+    revived = model.codebooks[0, 1:].detach()
+    # re-seeded codes are level-0 residuals (= latents) of the batch
+    assert ((revived[:, None] - z[None]).norm(dim=-1).min(1).values < 1e-5).all()
+
+
+def _train(model, x, steps, lr=1e-3, batch=128, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        out = model(x[torch.randint(len(x), (batch,), generator=gen)])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        return model(x).recon_loss.item(), collision_stats(model.encode(x))["collision_rate"]
+
+
+def test_short_training_lowers_recon_loss_and_keeps_ids_distinct():
+    torch.manual_seed(0)
+    x = clustered(256)
+    cfg = dict(codebook_size=32, usage_decay=0.9)
+    model = tiny_rqvae(**cfg, dead_code_threshold=0.1)
+    with torch.no_grad():
+        initial = model.eval()(x).recon_loss.item()
+    recon, collisions = _train(model, x, 300)
+    assert recon < 0.15 * initial
+    assert collisions < 0.1
+    # Dead-code replacement is what keeps the codes spread: without it items collapse onto
+    # their cluster's code.
+    torch.manual_seed(0)
+    _, collisions_without = _train(tiny_rqvae(**cfg, dead_code_threshold=0.0), x, 300)
+    assert collisions_without > collisions + 0.2
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="quantize_mode"):
+        RQVAEConfig(quantize_mode="vq")
+    with pytest.raises(ValueError, match="distance"):
+        RQVAEConfig(distance="l1")
+
+
+def test_cosine_distance_runs_and_encode_matches_forward():
+    torch.manual_seed(0)
+    model = tiny_rqvae(distance="cosine").train()
+    x = clustered(64)
+    out = model(x)
+    assert torch.equal(out.codes, model.encode(x))
+
+
+# ----------------------------------------------------------------------------- FSQ
+
+
+def test_fsq_decode_codes_matches_eval_forward():
+    torch.manual_seed(0)
+    model = FSQTokenizer(FSQConfig(input_dim=32, hidden_dims=[64], fsq_levels=[4, 4, 4], num_levels=3)).eval()
+    x = clustered(64)
+    out = model(x)
+    assert torch.equal(out.codes, model.encode(x))
+    assert torch.allclose(model.decode_codes(out.codes), out.recon, atol=1e-5)
+    assert float(out.quant_loss) == 0.0
+
+
+# ----------------------------------------------------------------------------- RQ-KMeans
+
+
+def test_kmeans_recovers_separated_clusters():
+    x = clustered(400, k=8, noise=0.05)
+    _, assign = kmeans(x, 8, generator=torch.Generator().manual_seed(0))
+    assert same_partition(assign, torch.arange(400) % 8)
+
+
+def test_rqkmeans_recovers_hierarchical_codes():
+    x, ideal = hierarchical()
+    codes = RQKMeans(RQKMeansConfig(num_levels=3, codebook_size=8)).fit(x)
+    for level in range(3):
+        assert same_partition(codes[:, level], ideal[:, level])
+    assert collision_stats(codes)["collision_rate"] == 0.0
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_rqkmeans_error_decreases_per_level_and_encode_matches_fit(normalize):
+    x = clustered(600, k=20, noise=0.5)
+    q = RQKMeans(RQKMeansConfig(num_levels=4, codebook_size=16, normalize=normalize))
+    codes = q.fit(x)
+    target = torch.nn.functional.normalize(x, dim=-1) if normalize else x
+    errors = [float(target.pow(2).sum(1).mean())]
+    errors += [float((target - q.decode(codes[:, : level + 1])).pow(2).sum(1).mean()) for level in range(4)]
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert torch.equal(q.encode(x), codes)
+
+
+def test_rqkmeans_is_deterministic_given_seed():
+    x = clustered(300, k=10, noise=1.0)
+    a = RQKMeans(num_levels=2, codebook_size=16, seed=3).fit(x)
+    b = RQKMeans(num_levels=2, codebook_size=16, seed=3).fit(x)
+    assert torch.equal(a, b)
+
+
+def test_rqkmeans_balanced_gives_equal_cluster_sizes():
+    # Very unequal natural clusters: 3 big blobs and lots of codes.
+    x = clustered(1024, k=3, noise=0.3)
+    q = RQKMeans(RQKMeansConfig(num_levels=2, codebook_size=16, balanced=True))
+    codes = q.fit(x)
+    for level in range(2):
+        sizes = torch.bincount(codes[:, level], minlength=16)
+        assert sizes.min() == sizes.max() == 64  # 1024 / 16 with capacity ceil(N / K)
+    plain = RQKMeans(RQKMeansConfig(num_levels=2, codebook_size=16)).fit(x)
+    assert torch.bincount(plain[:, 0], minlength=16).max() > 64
+
+
+@pytest.mark.parametrize("n,k", [(50, 7), (64, 8), (10, 10), (3, 5)])
+def test_balanced_assign_respects_capacity(n, k):
+    dist = torch.rand(n, k, generator=torch.Generator().manual_seed(n * k))
+    assign = balanced_assign(dist)
+    sizes = torch.bincount(assign, minlength=k)
+    assert (assign >= 0).all() and sizes.sum() == n
+    assert int(sizes.max()) <= math.ceil(n / k)
+
+
+def test_balanced_assign_without_contention_is_nearest():
+    dist = torch.tensor([[0.0, 5.0], [5.0, 0.0], [1.0, 2.0], [2.0, 1.0]])
+    assert balanced_assign(dist).tolist() == [0, 1, 0, 1]
+    # Capacity 2: the third point prefers cluster 0 but it is full.
+    dist = torch.tensor([[0.0, 9.0], [0.1, 9.0], [0.2, 0.3], [9.0, 0.0]])
+    assert balanced_assign(dist).tolist() == [0, 0, 1, 1]
