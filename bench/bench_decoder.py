@@ -1,0 +1,223 @@
+"""Benchmark of the TIGER-size T5 recommender: training throughput and constrained beam search.
+
+Synthetic Beauty-sized inputs (12,101 items with random unique 4-level codes of sizes
+256/256/256/8, or the item_codes of ``--codes``), 20-item random histories, hashed user
+tokens (2000 buckets). Measures
+  (a) training: examples/s of forward + backward + AdamW step at ``--batch-size``;
+  (b) constrained beam search: users/s at beam 20 (top 10) and beam 50 (top 20), eval mode,
+      ``--users`` users per call;
+and the peak RSS (after beam 20, after beam 50, and at the end: they run in that order), and how
+idle the machine's CPUs were just before and after (other processes distort CPU timings).
+
+    python bench/bench_decoder.py [--device cpu|cuda] [--batch-size 256] [--users 256]
+
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modules.beam_search import PrefixTrie, beam_search  # noqa: E402
+from modules.tokens import TokenLayout  # noqa: E402
+from modules.transformers.generation import shift_right  # noqa: E402
+from modules.transformers.t5 import T5, T5Config  # noqa: E402
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to reuse freed blocks instead of returning them to the OS.
+
+    Activations of a few MB each are allocated and freed every step; by default glibc serves
+    them with fresh mmaps, and the page faults cost more than the matmuls that fill them
+    (measured: up to 1.7x slower steps on 2 cores). Process-wide, so it belongs to a main.
+    """
+    if platform.system() != "Linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 31)
+
+
+def synthetic_codes(num_items: int, sizes: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Random unique code rows (the first num_items distinct rows of a random draw)."""
+    rows = torch.stack([torch.randint(0, s, (num_items * 2,), generator=generator) for s in sizes], dim=1)
+    key = torch.zeros(len(rows), dtype=torch.long)
+    for level, s in enumerate(sizes):
+        key = key * s + rows[:, level]
+    _, inverse = torch.unique(key, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(rows)).scatter_reduce(0, inverse, torch.arange(len(rows)), "amin")
+    first = first.sort().values[:num_items]
+    if len(first) < num_items:
+        raise ValueError("bench/bench_decoder.py: code space too small for --items")
+    return rows[first]
+
+
+def load_codes(path: str) -> torch.Tensor:
+    if path.endswith(".npy"):
+        import numpy as np
+
+        return torch.from_numpy(np.load(path)).long()
+    codes = torch.load(path, map_location="cpu")
+    if isinstance(codes, dict):
+        codes = codes["item_codes"]
+    return torch.as_tensor(codes).long()
+
+
+def cpu_idle_percent(seconds: float = 1.0) -> float | None:
+    """Share of all CPUs idle over ``seconds`` (Linux): other processes on the machine make
+    timings, especially multi-threaded ones, much slower; this records how busy it was."""
+    def read():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    try:
+        idle0, total0 = read()
+        time.sleep(seconds)
+        idle1, total1 = read()
+    except OSError:
+        return None
+    return 100.0 * (idle1 - idle0) / max(1, total1 - total0)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_train(model, batches, device, steps: int, warmup: int, amp: bool) -> float:
+    model.train()
+    # fused: one kernel per parameter instead of ~10 small ops (torch >= 2.4 has it on CPU too).
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+    vocab = model.config.output_vocab_size
+
+    def one_step(batch):
+        input_ids, mask, labels = batch
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(input_ids, mask, shift_right(labels))
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(warmup):
+        one_step(batches[i % len(batches)])
+    sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        one_step(batches[i % len(batches)])
+    sync(device)
+    return steps * batches[0][0].shape[0] / (time.perf_counter() - start)
+
+
+def bench_beam(model, batches, trie, layout, beam: int, top_k: int, device, calls: int, amp: bool) -> float:
+    model.eval()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        beam_search(model, *batches[0], trie, layout, beam_size=beam, top_k=top_k)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        users = 0
+        for i in range(calls):
+            input_ids, mask = batches[i % len(batches)]
+            out = beam_search(model, input_ids, mask, trie, layout, beam_size=beam, top_k=top_k)
+            users += input_ids.shape[0]
+        sync(device)
+        elapsed = time.perf_counter() - start
+    assert (out.items >= 0).all(), "constrained beam search returned an invalid item"
+    return users / elapsed
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=256, help="training batch size")
+    p.add_argument("--users", type=int, default=256, help="users per beam-search call")
+    p.add_argument("--codes", help="item_codes file (.pt/.npy, (N, L) ints) instead of synthetic codes")
+    p.add_argument("--items", type=int, default=12101)
+    p.add_argument("--history", type=int, default=20, help="items per history")
+    p.add_argument("--train-steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--beam-calls", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    if args.codes:
+        item_codes = load_codes(args.codes)
+        sizes = tuple(int(m) + 1 for m in item_codes.max(0).values)
+    else:
+        sizes = (256, 256, 256, 8)
+        item_codes = synthetic_codes(args.items, sizes, g)
+    layout = TokenLayout(sizes, num_user_buckets=2000)
+    trie = PrefixTrie(item_codes, sizes).to(device)
+    num_items = item_codes.shape[0]
+    model = T5(T5Config(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size)).to(device)
+
+    def make_inputs(n):
+        history = torch.randint(0, num_items, (n, args.history), generator=g)
+        user = torch.randint(0, 22363, (n,), generator=g)
+        ids, mask = layout.encode_history(history, item_codes, user=user)
+        return ids.to(device), mask.to(device), user
+
+    beam_batches = [make_inputs(args.users)[:2] for _ in range(2)]
+    result = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "cpu_idle_percent_before": cpu_idle_percent(), "items": num_items,
+              "params": sum(p.numel() for p in model.parameters()),
+              "history_tokens": beam_batches[0][0].shape[1], "users_per_call": args.users}
+    # Beam 20 first, so that the peak RSS read after it is its own (ru_maxrss only grows).
+    result["beam20_users_per_second"] = bench_beam(model, beam_batches, trie, layout, 20, 10, device, args.beam_calls, args.amp)
+    result["beam20_peak_rss_mb"] = peak_rss_mb()
+    result["beam50_users_per_second"] = bench_beam(model, beam_batches, trie, layout, 50, 20, device, args.beam_calls, args.amp)
+    result["beam_peak_rss_mb"] = peak_rss_mb()
+    if device.type == "cuda":
+        result["beam_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+    if not args.skip_train:
+        train_batches = []
+        for _ in range(2):
+            ids, mask, _ = make_inputs(args.batch_size)
+            target = torch.randint(0, num_items, (args.batch_size,), generator=g)
+            train_batches.append((ids, mask, layout.encode_target(target, item_codes).to(device)))
+        result["train_batch_size"] = args.batch_size
+        result["train_examples_per_second"] = bench_train(model, train_batches, device, args.train_steps, args.warmup, args.amp)
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["cpu_idle_percent_after"] = cpu_idle_percent()
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    result = {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

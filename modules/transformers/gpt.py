@@ -1,0 +1,189 @@
+"""GPT-style decoder-only recommender with rotary positions, and incremental decoding.
+
+One sequence per user: the history tokens, then BOS and the target tokens. Histories come
+right-padded from :meth:`modules.tokens.TokenLayout.encode_history`; they are moved to the
+left (padding first) so that the target always follows the last real token. RoPE only sees
+position differences, so how much padding precedes a history does not change the outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.transformers.generation import DecodingState, KVCache
+from modules.transformers.layers import (
+    Attention, Dropout, FeedForward, RMSNorm, Rotary, additive_mask, apply_rotary, cached_scores, cached_values,
+)
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    output_vocab_size: int | None = None  # logits cover tokens [0, output_vocab_size); None = all
+    d_model: int = 128
+    num_heads: int = 6
+    d_head: int = 64
+    d_ff: int = 1024
+    num_layers: int = 4
+    dropout: float = 0.1
+    activation: str = "gelu"  # or "swiglu", "relu"
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.output_vocab_size is None:
+            self.output_vocab_size = self.vocab_size
+        if not 0 < self.output_vocab_size <= self.vocab_size:
+            raise ValueError("modules/transformers/gpt.py: GPTConfig.output_vocab_size must be in (0, vocab_size]")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        return cls(**d)
+
+
+def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move every row's padding to the front, keeping the order of its real tokens."""
+    keep = attention_mask.bool()
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices
+    return input_ids.gather(1, order), keep.gather(1, order)
+
+
+def prefix_beam_attention(q, prefix_kv, prefix_mask, own_k, own_v, scale: float) -> torch.Tensor:
+    """One new query per beam attends to its user's history prefix and its own decoded tokens.
+
+    The prefix keys/values (n, h, P, d) are stored once per user: the b beams of a user are
+    stacked as b queries against them instead of copying the prefix b times.
+    q: (n*b, h, 1, d); own_k/own_v: (t, n*b, h, d) position-major; prefix_mask: (n, 1, 1, P)
+    additive. Returns (n*b, h, d).
+    """
+    prefix_k, prefix_v = prefix_kv
+    n, h, P, d = prefix_k.shape
+    b = q.shape[0] // n
+    q = q[:, :, 0] * scale  # (n*b, h, d)
+    q_user = q.view(n, b, h, d).transpose(1, 2)  # (n, h, b, d)
+    s_prefix = q_user @ prefix_k.transpose(-1, -2) + prefix_mask  # (n, h, b, P)
+    s_own = cached_scores(q, own_k).view(-1, n, b, h).permute(1, 3, 2, 0)  # (n, h, b, t)
+    p = torch.cat([s_prefix, s_own], dim=-1).softmax(dim=-1)
+    out = (p[..., :P] @ prefix_v).transpose(1, 2).reshape(n * b, h, d)
+    p_own = p[..., P:].permute(3, 0, 2, 1).reshape(-1, n * b, h)  # (t, n*b, h)
+    return out + cached_values(p_own, own_v)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model, cfg.eps)
+        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.d_head, cfg.dropout)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.eps)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
+
+    def _qkv(self, x, cos, sin):
+        q, k, v = self.attn.project_qkv(self.norm1(x))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x, mask, cos, sin):
+        """Full pass over x (n, S, D); also returns this layer's (k, v) for a decoding prefix."""
+        q, k, v = self._qkv(x, cos, sin)
+        x = x + self.drop(self.attn.attend(q, k, v, mask))
+        return x + self.drop(self.ffn(self.norm2(x))), (k, v)
+
+    def step(self, x, cos, sin, cache: KVCache, layer: int, prefix_kv, prefix_mask):
+        """One new position per beam, x (n, b, D) (middle axis = beams)."""
+        n, b, D = x.shape
+        q, k, v = self._qkv(x.reshape(n * b, 1, D), cos, sin)
+        cache.write(layer, k, v)
+        out = prefix_beam_attention(q, prefix_kv, prefix_mask, *cache.view(layer), self.attn.d_head**-0.5)
+        x = x + self.drop(self.attn.o(out.flatten(1)).view(n, b, D))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+@dataclass
+class GPTDecodingState(DecodingState):
+    prefix_kv: tuple  # per layer (k, v), each (n, h, P, d): the history, shared by a user's beams
+    prefix_mask: torch.Tensor  # (n, 1, 1, P) additive
+
+
+class GPT(nn.Module):
+    """Decoder-only recommender; ``forward(input_ids, attention_mask, decoder_input_ids)``
+    returns the logits of the ``decoder_input_ids`` positions only (n, T, V_out)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rotary = Rotary(cfg.d_head, cfg.rope_base)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.output_vocab_size, bias=False)
+        self.drop = Dropout(cfg.dropout)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2 layers)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, 0.02)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        for block in self.blocks:
+            for w in (block.attn.o.weight, block.ffn.wo.weight):
+                w.mul_((2 * self.config.num_layers) ** -0.5)
+
+    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        return F.linear(h, self.embed.weight[: self.config.output_vocab_size])
+
+    def _run(self, ids: torch.Tensor, keep: torch.Tensor):
+        """Causal pass over left-aligned ids (n, S) -> hidden states and per-layer (k, v)."""
+        S = ids.shape[1]
+        pos = torch.arange(S, device=ids.device)
+        # Each position also sees itself so that all-padding rows stay finite (no NaN grads).
+        allowed = ((pos[None, :] <= pos[:, None]) & keep[:, None, None, :]) | (pos[None, :] == pos[:, None])
+        mask = additive_mask(allowed)  # (n, 1, S, S)
+        cos, sin = self.rotary.cos_sin(pos)
+        x = self.drop(self.embed(ids))
+        kvs = []
+        for block in self.blocks:
+            x, kv = block(x, mask, cos, sin)
+            kvs.append(kv)
+        return x, kvs
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
+        ids, keep = left_align(input_ids, attention_mask)
+        T = decoder_input_ids.shape[1]
+        ids = torch.cat([ids, decoder_input_ids], dim=1)
+        keep = torch.cat([keep, torch.ones_like(decoder_input_ids, dtype=torch.bool)], dim=1)
+        x, _ = self._run(ids, keep)
+        # Only the target positions need the (vocabulary-sized) output layer.
+        return self.output_logits(self.norm(x[:, -T:]))
+
+    def start_decoding(self, input_ids, attention_mask) -> GPTDecodingState:
+        ids, keep = left_align(input_ids, attention_mask)
+        _, kvs = self._run(ids, keep)
+        return GPTDecodingState(cache=KVCache(len(self.blocks)), num_beams=1, prefix_kv=tuple(kvs),
+                                prefix_mask=additive_mask(keep[:, None, None, :]))
+
+    def step(self, state: GPTDecodingState, tokens: torch.Tensor):
+        """Feed one token per beam, tokens (n, b) -> log-probs of the next token (n, b, V_out)."""
+        n, b = tokens.shape
+        if b != state.num_beams:
+            raise ValueError(f"modules/transformers/gpt.py: step got {b} beams, the state has {state.num_beams}")
+        position = state.prefix_mask.shape[-1] + state.cache.length
+        cos, sin = self.rotary.cos_sin(torch.tensor([position], device=tokens.device))
+        x = self.drop(self.embed(tokens))
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, cos, sin, state.cache, i, state.prefix_kv[i], state.prefix_mask)
+        logits = self.output_logits(self.norm(x))
+        return F.log_softmax(logits.float(), dim=-1), dataclasses.replace(state, cache=state.cache.advanced())

@@ -1,0 +1,251 @@
+"""T5-style encoder-decoder (TIGER's recommender), with incremental decoding.
+
+Follows T5 v1.0 (what TIGER used): pre-norm RMSNorm blocks without biases, ReLU MLP, no
+1/sqrt(d) attention scaling (the initialisation absorbs it), bucketed relative position bias
+(bidirectional in the encoder, causal in the decoder) computed once per stack and added in
+every layer, shared input embedding, optionally tied output embedding (then scaled by
+d_model^-0.5 as in T5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.transformers.generation import DecodingState, KVCache
+from modules.transformers.layers import Attention, Dropout, FeedForward, RMSNorm, additive_mask
+
+
+@dataclass
+class T5Config:
+    """Sizes default to TIGER: 4 + 4 layers, d_model 128, 6 heads x 64, d_ff 1024."""
+
+    vocab_size: int
+    output_vocab_size: int | None = None  # logits cover tokens [0, output_vocab_size); None = all
+    d_model: int = 128
+    num_heads: int = 6
+    d_head: int = 64
+    d_ff: int = 1024
+    num_encoder_layers: int = 4
+    num_decoder_layers: int = 4
+    dropout: float = 0.1
+    num_buckets: int = 32
+    max_distance: int = 128
+    activation: str = "relu"
+    tie_embeddings: bool = True
+    eps: float = 1e-6
+    init_factor: float = 1.0
+
+    def __post_init__(self):
+        if self.output_vocab_size is None:
+            self.output_vocab_size = self.vocab_size
+        if not 0 < self.output_vocab_size <= self.vocab_size:
+            raise ValueError("modules/transformers/t5.py: T5Config.output_vocab_size must be in (0, vocab_size]")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "T5Config":
+        return cls(**d)
+
+
+def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool = True,
+                             num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
+    """T5's bucketing of ``key_position - query_position`` (same as Hugging Face's T5).
+
+    Bidirectional: half the buckets per sign (positive offsets in the upper half). Within a
+    sign, the first half of the buckets are exact offsets, the rest grow logarithmically up
+    to ``max_distance``; farther offsets share the last bucket. Causal: only offsets <= 0
+    (looking back) are distinguished, all positive ones fall in bucket 0.
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    # clamp(min=1) only avoids log(0); those positions take the exact branch anyway.
+    log_ratio = torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned per-head scalar bias for each relative-position bucket."""
+
+    def __init__(self, num_heads: int, num_buckets: int, max_distance: int, bidirectional: bool):
+        super().__init__()
+        self.embedding = nn.Embedding(num_buckets, num_heads)
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+
+    def forward(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+        """(Sq,), (Sk,) positions -> (1, h, Sq, Sk) bias."""
+        buckets = relative_position_bucket(key_pos[None, :] - query_pos[:, None], self.bidirectional,
+                                           self.num_buckets, self.max_distance)
+        return self.embedding(buckets).permute(2, 0, 1)[None]
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model, cfg.eps)
+        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.d_head, cfg.dropout, scale=1.0)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.eps)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), mask))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model, cfg.eps)
+        self.self_attn = Attention(cfg.d_model, cfg.num_heads, cfg.d_head, cfg.dropout, scale=1.0)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.eps)
+        self.cross_attn = Attention(cfg.d_model, cfg.num_heads, cfg.d_head, cfg.dropout, scale=1.0, cross=True)
+        self.norm3 = RMSNorm(cfg.d_model, cfg.eps)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
+
+    def _cross_and_ffn(self, x, memory_kv, memory_mask):
+        x = x + self.drop(self.cross_attn.forward_cross(self.norm2(x), memory_kv, memory_mask))
+        return x + self.drop(self.ffn(self.norm3(x)))
+
+    def forward(self, x, self_mask, memory_kv, memory_mask):
+        """Teacher-forced pass over all T decoder positions of x (n, T, D)."""
+        x = x + self.drop(self.self_attn(self.norm1(x), self_mask))
+        return self._cross_and_ffn(x, memory_kv, memory_mask)
+
+    def step(self, x, self_bias, cache: KVCache, layer: int, memory_kv, memory_mask):
+        """One new position per beam: x (n, b, D); the middle axis holds beams, not positions.
+
+        Self-attention runs per beam (rows n * b, one query each) over its cached positions;
+        cross-attention runs per user with the b beams as b queries of the shared memory.
+        """
+        n, b, D = x.shape
+        q, k, v = self.self_attn.project_qkv(self.norm1(x).reshape(n * b, 1, D))
+        cache.write(layer, k, v)
+        x = x + self.drop(self.self_attn.attend_cached(q, *cache.view(layer), self_bias).view(n, b, D))
+        return self._cross_and_ffn(x, memory_kv, memory_mask)
+
+
+@dataclass
+class T5DecodingState(DecodingState):
+    memory_kv: tuple  # per decoder layer (k, v), each (n, h, S, d): shared by a user's beams
+    memory_mask: torch.Tensor  # (n, 1, 1, S) additive
+
+
+class T5(nn.Module):
+    """Encoder-decoder recommender; ``forward(input_ids, attention_mask, decoder_input_ids)``."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = cfg = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder_bias = RelativePositionBias(cfg.num_heads, cfg.num_buckets, cfg.max_distance, True)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers))
+        self.encoder_norm = RMSNorm(cfg.d_model, cfg.eps)
+        self.decoder_bias = RelativePositionBias(cfg.num_heads, cfg.num_buckets, cfg.max_distance, False)
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers))
+        self.decoder_norm = RMSNorm(cfg.d_model, cfg.eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.output_vocab_size, bias=False)
+        self.drop = Dropout(cfg.dropout)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """T5's initialisation (Hugging Face ``T5PreTrainedModel._init_weights``)."""
+        cfg, f = self.config, self.config.init_factor
+        inner = cfg.num_heads * cfg.d_head
+        self.embed.weight.normal_(0.0, f)
+        if self.lm_head is not None:
+            self.lm_head.weight.normal_(0.0, f)
+        for bias in (self.encoder_bias, self.decoder_bias):
+            bias.embedding.weight.normal_(0.0, f * cfg.d_model**-0.5)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                if m.cross:
+                    m.q.weight.normal_(0.0, f * (cfg.d_model * cfg.d_head) ** -0.5)
+                    m.kv.weight.normal_(0.0, f * cfg.d_model**-0.5)
+                else:
+                    q, kv = m.qkv.weight.split([inner, 2 * inner])
+                    q.normal_(0.0, f * (cfg.d_model * cfg.d_head) ** -0.5)
+                    kv.normal_(0.0, f * cfg.d_model**-0.5)
+                m.o.weight.normal_(0.0, f * inner**-0.5)
+            elif isinstance(m, FeedForward):
+                m.wi.weight.normal_(0.0, f * cfg.d_model**-0.5)
+                m.wo.weight.normal_(0.0, f * cfg.d_ff**-0.5)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+
+    # ------------------------------------------------------------------ encoder
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(n, S) tokens and bool mask -> encoder output (n, S, D)."""
+        S = input_ids.shape[1]
+        pos = torch.arange(S, device=input_ids.device)
+        # One (n, h, S, S) mask for all layers: the shared position bias plus key padding.
+        mask = self.encoder_bias(pos, pos) + additive_mask(attention_mask[:, None, None, :].bool())
+        x = self.drop(self.embed(input_ids))
+        for layer in self.encoder_layers:
+            x = layer(x, mask)
+        return self.drop(self.encoder_norm(x))
+
+    def memory(self, memory: torch.Tensor, attention_mask: torch.Tensor):
+        """Cross-attention keys/values of every decoder layer, and the additive memory mask."""
+        kv = tuple(layer.cross_attn.project_kv(memory) for layer in self.decoder_layers)
+        return kv, additive_mask(attention_mask[:, None, None, :].bool())
+
+    # ------------------------------------------------------------------ decoder
+    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        weight = self.embed.weight[: self.config.output_vocab_size]
+        return F.linear(h * self.config.d_model**-0.5, weight)
+
+    def decode(self, decoder_input_ids, memory_kv, memory_mask) -> torch.Tensor:
+        T = decoder_input_ids.shape[1]
+        pos = torch.arange(T, device=decoder_input_ids.device)
+        causal = additive_mask(pos[None, :] <= pos[:, None])
+        self_mask = self.decoder_bias(pos, pos) + causal
+        x = self.drop(self.embed(decoder_input_ids))
+        for layer, kv in zip(self.decoder_layers, memory_kv):
+            x = layer(x, self_mask, kv, memory_mask)
+        return self.output_logits(self.drop(self.decoder_norm(x)))
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
+        """Teacher-forced logits (n, T, output_vocab_size)."""
+        memory_kv, memory_mask = self.memory(self.encode(input_ids, attention_mask), attention_mask)
+        return self.decode(decoder_input_ids, memory_kv, memory_mask)
+
+    # ------------------------------------------------------------------ incremental decoding
+    def start_decoding(self, input_ids, attention_mask) -> T5DecodingState:
+        """Encode once; the state holds one (empty) beam per user."""
+        memory_kv, memory_mask = self.memory(self.encode(input_ids, attention_mask), attention_mask)
+        return T5DecodingState(cache=KVCache(len(self.decoder_layers)), num_beams=1, memory_kv=memory_kv,
+                               memory_mask=memory_mask)
+
+    def step(self, state: T5DecodingState, tokens: torch.Tensor):
+        """Feed one token per beam, tokens (n, b) -> log-probs of the next token (n, b, V_out)."""
+        n, b = tokens.shape
+        if b != state.num_beams:
+            raise ValueError(f"modules/transformers/t5.py: step got {b} beams, the state has {state.num_beams}")
+        t = state.cache.length
+        pos = torch.arange(t + 1, device=tokens.device)
+        self_bias = self.decoder_bias(pos[t:], pos)[0, :, 0].T[:, None, :]  # (t + 1, 1, h): the new row
+        x = self.drop(self.embed(tokens))
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer.step(x, self_bias, state.cache, i, state.memory_kv[i], state.memory_mask)
+        logits = self.output_logits(self.drop(self.decoder_norm(x)))
+        state = dataclasses.replace(state, cache=state.cache.advanced())
+        return F.log_softmax(logits.float(), dim=-1), state
