@@ -4,6 +4,8 @@ The valid code sequences form a prefix trie stored as tensors (:class:`PrefixTri
 codes allowed after every beam's prefix are found for the whole batch x beams at once, on
 CPU or GPU; the only Python loop is over the L code levels. The model is anything with the
 decoding interface of :mod:`modules.transformers.generation` (T5 and GPT).
+:func:`beam_search_tokens` runs the same loop without a trie, over the whole output
+vocabulary (token spaces such as ActionPiece's).
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ class PrefixTrie:
         for level, size in enumerate(self.codebook_sizes):
             keys, node = torch.unique(node * size + item_codes[:, level], sorted=True, return_inverse=True)
             table = None
-            if num_nodes * size <= max_dense:
-                table = torch.full((num_nodes * size,), -1, dtype=torch.long, device=keys.device)
-                table[keys] = torch.arange(len(keys), device=keys.device)
+            if num_nodes * size <= max_dense:  # int32: half the memory (Beauty: 12 MB in all)
+                table = torch.full((num_nodes * size,), -1, dtype=torch.int32, device=keys.device)
+                table[keys] = torch.arange(len(keys), dtype=torch.int32, device=keys.device)
                 table = table.view(num_nodes, size)
             self.keys.append(keys)
             self.tables.append(table)
@@ -77,7 +79,7 @@ class PrefixTrie:
         parent = node.clamp(min=0)
         table = self.tables[level]
         if table is not None:
-            child = table[parent]
+            child = table[parent].long()
         else:
             keys = self.keys[level]
             query = parent[..., None] * size + torch.arange(size, device=node.device)

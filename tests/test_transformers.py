@@ -282,3 +282,16 @@ def test_dropout_matches_its_mask_and_grad(relu):
     y = dropout(x, 0.25, True)
     torch.manual_seed(2)
     assert torch.allclose(y, torch.where(cpu_keep_mask(x.shape, 0.25), x / 0.75, 0.0))
+
+
+@pytest.mark.parametrize("name", ["t5-tied", "gpt-gelu"])
+def test_cpu_training_attention_path_matches_sdpa(name):
+    """Without dropout, train mode (manual attention on CPU) gives eval mode's (SDPA) outputs."""
+    ids, mask, codes, g = random_inputs(4)
+    torch.manual_seed(0)
+    model = (tiny_t5 if name.startswith("t5") else tiny_gpt)(dropout=0.0)
+    dec = torch.randint(3, LAYOUT.output_vocab_size, (ids.shape[0], 3), generator=g)
+    train_out = model.train()(ids, mask, dec)
+    with torch.no_grad():
+        eval_out = model.eval()(ids, mask, dec)
+    torch.testing.assert_close(train_out, eval_out, atol=1e-5, rtol=1e-5)
