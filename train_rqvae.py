@@ -72,6 +72,11 @@ def train_rqvae(
     warmup_steps: int = 500,
     gumbel_temperature: tuple[float, float] = (1.0, 0.1),  # annealed start -> end (gumbel mode)
     eval_every: int = 2_000,
+    # Which weights give the final codes: "collision" - the periodic eval with the lowest
+    # collision rate after warm-up (ties: lower recon loss), kept in out_dir/best.pt, as LC-Rec's RQ-VAE
+    # trainer does (collisions grow as the encoder learns to put near-duplicate items
+    # together); "last" - the final weights.
+    select_by: str = "collision",
     ckpt_every: int = 2_000,
     log_every: int = 100,
     dedup_size: int | None = 256,  # codes in the extra dedup level; None: as many as the largest group
@@ -85,6 +90,8 @@ def train_rqvae(
     push_to_hub: str | None = None,  # Hub repo id to push the tokenizer to at the end
 ) -> dict:
     t_start = time.time()
+    if select_by not in ("collision", "last"):
+        raise ValueError(f"train_rqvae.select_by: {select_by!r} not in ('collision', 'last')")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
@@ -97,6 +104,7 @@ def train_rqvae(
     print(f"[rqvae] {dataset.name}: {len(emb)} items x {emb.shape[1]} dims, {type(quantizer).__name__} on {dev}",
           file=sys.stderr)
 
+    best = None  # the selected eval (select_by="collision")
     if isinstance(quantizer, RQKMeansConfig):  # no training loop: residual k-means on the embeddings
         model = RQKMeans(quantizer).to(dev)
         model.fit(emb)
@@ -105,9 +113,11 @@ def train_rqvae(
         model = (RQVAE if isinstance(quantizer, RQVAEConfig) else FSQTokenizer)(quantizer).to(dev)
         optimizer = make_optimizer(model, lr, weight_decay)
         scheduler = warmup_cosine(optimizer, warmup_steps, max_steps)
-        ckpt_path, step = out / "last.pt", 0
+        ckpt_path, best_path, step = out / "last.pt", out / "best.pt", 0
         if resume and ckpt_path.exists():
             step = load_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
+            if best_path.exists():
+                best = torch.load(best_path, map_location="cpu", weights_only=False)["extra"]
             print(f"[rqvae] resumed from {ckpt_path} at step {step}", file=sys.stderr)
         elif isinstance(model, RQVAE) and quantizer.kmeans_init:
             model.init_codebooks(emb)  # k-means on every item's latent, not just the first batch
@@ -142,6 +152,11 @@ def train_rqvae(
                 tqdm.write(f"[rqvae] step {step}: collision {m['collision_rate']:.4f} max_group {m['max_group']} "
                            f"usage {[round(u, 3) for u in m['codebook_usage']]} recon {m['recon_loss']:.5f}",
                            file=sys.stderr)
+                score = {"collision_rate": m["collision_rate"], "recon_loss": m["recon_loss"], "step": step}
+                key = (score["collision_rate"], score["recon_loss"])
+                if step >= warmup_steps and (best is None or key < (best["collision_rate"], best["recon_loss"])):
+                    best = score
+                    save_checkpoint(best_path, model=model, step=step, extra=best)
             if step % ckpt_every == 0 or step == stop_at:
                 save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, step=step)
         bar.close()
@@ -150,6 +165,9 @@ def train_rqvae(
             result = {"stopped_at_step": step, "checkpoint": str(ckpt_path), "seconds": round(time.time() - t_start, 2)}
             print_result(result)
             return result
+        if select_by == "collision" and best is not None:
+            load_checkpoint(best_path, model=model, restore_rng=False)
+            print(f"[rqvae] final codes from step {best['step']} (lowest collision rate after warm-up)", file=sys.stderr)
 
     m = tokenizer_metrics(model, emb)
     item_codes = add_dedup_level(m["codes"].cpu(), max_size=dedup_size)
@@ -164,6 +182,7 @@ def train_rqvae(
         "quantizer": type(model).__name__,
         "num_items": len(emb),
         "steps": step,
+        "selected_step": best["step"] if best is not None and select_by == "collision" else step,
         "collision_rate": m["collision_rate"],
         "unique_after_dedup": bool(collision_stats(item_codes)["max_group"] == 1),
         "max_group": m["max_group"],

@@ -16,6 +16,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -229,7 +230,13 @@ class WandbLogger(NoOpLogger):
         self.run.log(metrics, step=step)
 
     def log_image(self, key: str, path: str | Path, step: int | None = None) -> None:
-        self.run.log({key: self._wandb.Image(str(path))}, step=step)
+        try:
+            image = self._wandb.Image(str(path))
+        except Exception as e:  # noqa: BLE001 - wandb raises its own Error when Pillow is missing
+            warnings.warn(f"W&B: cannot log {path} as an image ({e}); saving the file with the run instead")
+            self.run.save(str(path), base_path=str(Path(path).parent), policy="now")
+            return
+        self.run.log({key: image}, step=step)
 
     def summary(self, metrics: dict) -> None:
         self.run.summary.update(metrics)

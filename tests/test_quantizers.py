@@ -157,6 +157,45 @@ def test_first_training_batch_triggers_kmeans_init_once():
     assert torch.equal(before, model.codebooks.detach())
 
 
+def test_ema_codebook_moves_each_used_code_to_its_residual_mean():
+    """Known answer: with usage_decay 0 an EMA code becomes the mean of the residuals assigned
+    to it in the batch; unused codes keep their value; the codebook gets no gradient."""
+    torch.manual_seed(0)
+    model = tiny_rqvae(codebook_update="ema", usage_decay=0.0, dead_code_threshold=0.0, kmeans_init=False).train()
+    x = clustered(64)
+    with torch.no_grad():
+        z = model.encoder(x)
+        before = model.codebooks.detach().clone()
+        idx = model._distances(z, before[0]).argmin(1)
+    out = model(x)
+    assert not model.codebooks.requires_grad
+    out.loss.backward()
+    assert model.codebooks.grad is None
+    for k in range(model.config.codebook_size):
+        expected = z[idx == k].mean(0) if (idx == k).any() else before[0, k]
+        torch.testing.assert_close(model.codebooks[0, k], expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.codes[:, 0], idx)
+
+
+def test_ema_codebook_running_mean_and_uniform_start():
+    """With decay d the code is (d * old_share * old_code + (1 - d) * batch_sum / B) /
+    (d * old_share + (1 - d) * batch_share), starting from the uniform share 1/K."""
+    torch.manual_seed(1)
+    d, k = 0.9, 8
+    model = tiny_rqvae(codebook_update="ema", usage_decay=d, dead_code_threshold=0.0, kmeans_init=False).train()
+    x = clustered(64)
+    with torch.no_grad():
+        z = model.encoder(x)
+        old = model.codebooks[0].clone()
+        idx = model._distances(z, old).argmin(1)
+    model(x)
+    for c in range(k):
+        share = (idx == c).float().mean()
+        total = z[idx == c].sum(0) / len(z)
+        expected = (d * old[c] / k + (1 - d) * total) / (d / k + (1 - d) * share)
+        torch.testing.assert_close(model.codebooks[0, c], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_dead_codes_are_reseeded_from_batch_residuals():
     torch.manual_seed(0)
     model = tiny_rqvae(kmeans_init=False, dead_code_threshold=0.6, usage_decay=0.5).train()
@@ -210,6 +249,8 @@ def test_config_validation():
         RQVAEConfig(quantize_mode="vq")
     with pytest.raises(ValueError, match="distance"):
         RQVAEConfig(distance="l1")
+    with pytest.raises(ValueError, match="codebook_update"):
+        RQVAEConfig(codebook_update="adam")
 
 
 def test_cosine_distance_runs_and_encode_matches_forward():

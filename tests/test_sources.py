@@ -2,7 +2,6 @@
 and the download path end to end against a local HTTP server."""
 
 import gzip
-import io
 import json
 import shutil
 import zipfile

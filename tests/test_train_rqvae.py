@@ -47,10 +47,12 @@ def test_tiny_rqvae_end_to_end(data, tmp_path):
 
 def test_resume_reaches_same_codes(data, tmp_path):
     full = run(data, tmp_path / "full")
-    part = run(data, tmp_path / "split", "train_rqvae.stop_after_steps = 25")
-    assert part["stopped_at_step"] == 25
+    # Stop between the two evals (30, 60): the resumed run must also restore the best eval so far.
+    part = run(data, tmp_path / "split", "train_rqvae.stop_after_steps = 35")
+    assert part["stopped_at_step"] == 35 and (tmp_path / "split" / "best.pt").exists()
     resumed = run(data, tmp_path / "split")
     assert resumed["steps"] == full["steps"] == 60
+    assert resumed["selected_step"] == full["selected_step"]
     a = SemanticIdTokenizer.from_pretrained(str(tmp_path / "full" / "tokenizer"))
     b = SemanticIdTokenizer.from_pretrained(str(tmp_path / "split" / "tokenizer"))
     assert torch.equal(a.item_codes, b.item_codes)
@@ -85,3 +87,12 @@ def test_wrong_gin_binding_is_a_clear_error(data, tmp_path, binding, message):
 def test_dedup_overflow_is_a_clear_error(data, tmp_path):
     with pytest.raises(ValueError, match="dedup"):
         run(data, tmp_path / "overflow", "train_rqvae.dedup_size = 1", "RQVAEConfig.codebook_size = 2")
+
+
+def test_codes_come_from_the_lowest_collision_eval(data, tmp_path):
+    res = run(data, tmp_path / "run")
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)["extra"]
+    assert res["selected_step"] == best["step"] in (30, 60)
+    assert res["collision_rate"] == pytest.approx(best["collision_rate"])
+    last = run(data, tmp_path / "last", "train_rqvae.select_by = 'last'")
+    assert last["selected_step"] == 60

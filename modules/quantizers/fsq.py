@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from vector_quantize_pytorch import ResidualFSQ
 
-from modules.quantizers.rqvae import RQVAEOutput, mlp
+from modules.quantizers.rqvae import RQVAEOutput, item_sq_error, mlp
 
 
 @dataclass
@@ -59,7 +58,7 @@ class FSQTokenizer(nn.Module):
     def forward(self, x: Tensor, temperature: float = 1.0) -> RQVAEOutput:
         z_q, codes = self._quantize(self.encoder(x))
         recon = self.decoder(z_q)
-        recon_loss = F.mse_loss(recon, x)
+        recon_loss = item_sq_error(recon, x)
         zero = recon_loss.new_zeros(())
         return RQVAEOutput(recon, codes, recon_loss, zero, recon_loss)
 
