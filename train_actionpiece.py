@@ -49,7 +49,8 @@ from modules.beam_search import beam_search_tokens
 from modules.evaluation import MetricAccumulator, popularity_ranking, ranking_metrics
 from modules.tokens import BOS, EOS, NUM_SPECIAL, PAD
 from modules.training import (
-    load_best, make_optimizer, parse_gin_cli, pick_device, print_result, seed_everything, train_loop, warmup_cosine,
+    autocast_dtype, load_best, make_optimizer, parse_gin_cli, pick_device, print_result, seed_everything, train_loop,
+    warmup_cosine,
 )
 from modules.transformers.generation import shift_right
 from modules.transformers.t5 import T5, T5Config
@@ -274,6 +275,7 @@ def train_actionpiece(
     log_every: int = 100,
     seed: int = 42,
     device: str = "auto",
+    precision: str = "auto",  # "auto" (bf16 on CUDA / bf16-capable CPUs), "bf16" or "fp32"
     resume: bool = True,
     stop_after_steps: int | None = None,  # stop (with a checkpoint) after this many steps of this run
     wandb_mode: str = "offline",
@@ -287,7 +289,7 @@ def train_actionpiece(
         torch.set_num_threads(num_threads)
     seed_everything(seed)
     dev = pick_device(device)
-    amp = torch.bfloat16 if dev.type == "cuda" else None
+    amp = autocast_dtype(dev, precision)
 
     # ---- data, item features, vocabulary
     dataset = load_dataset()

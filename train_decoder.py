@@ -10,7 +10,7 @@ Tiny CPU recipe (a minute): python train_rqvae.py configs/tiny/rqvae_tiny.gin &&
     python train_decoder.py configs/tiny/decoder_tiny.gin
 
 Reads top to bottom: dataset -> tokenizer (path or Hub id) -> token layout + item trie ->
-model -> training loop (AdamW, warm-up + cosine, grad clipping, bf16 autocast on GPU) with
+model -> training loop (AdamW, warm-up + cosine, grad clipping, bf16 autocast on GPU and bf16-capable CPUs) with
 validation on NDCG@10 every ``eval_every`` steps (best + last checkpoints, early stopping)
 -> test metrics of the best-validation checkpoint, the invalid-ID rate of unconstrained
 search, and a most-popular baseline. Restarting with the same out_dir resumes exactly.
@@ -33,7 +33,8 @@ from modules.evaluation import evaluate_generative, popularity_ranking, ranking_
 from modules.semantic_ids import SemanticIdTokenizer
 from modules.tokens import TokenLayout
 from modules.training import (
-    load_best, make_optimizer, parse_gin_cli, pick_device, print_result, seed_everything, train_loop, warmup_cosine,
+    autocast_dtype, load_best, make_optimizer, parse_gin_cli, pick_device, print_result, seed_everything, train_loop,
+    warmup_cosine,
 )
 from modules.transformers.generation import shift_right
 from modules.transformers.gpt import GPT, GPTConfig
@@ -86,6 +87,7 @@ def train_decoder(
     max_steps: int = 200_000,
     max_train_minutes: float | None = None,  # wall-clock cap on training (then test the best checkpoint)
     grad_clip: float = 1.0,
+    train_chunk: int | None = 64,  # rows per encoder pass, grouped by history length; None: the whole batch
     eval_every: int = 2_000,
     eval_users: int | None = None,  # validate on the first N users (None: all); test always uses all
     eval_batch_size: int = 256,
@@ -94,6 +96,7 @@ def train_decoder(
     log_every: int = 100,
     seed: int = 42,
     device: str = "auto",
+    precision: str = "auto",  # "auto" (bf16 on CUDA / bf16-capable CPUs), "bf16" or "fp32"
     resume: bool = True,
     stop_after_steps: int | None = None,  # stop (with a checkpoint) after this many steps of this run
     wandb_mode: str = "offline",
@@ -106,7 +109,7 @@ def train_decoder(
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     dev = pick_device(device)
-    amp = torch.bfloat16 if dev.type == "cuda" else None
+    amp = autocast_dtype(dev, precision)
 
     dataset = load_dataset()
     tok = load_tokenizer(tokenizer, dataset)
@@ -127,9 +130,18 @@ def train_decoder(
         user = torch.as_tensor(batch.user, device=dev) if use_user else None
         input_ids, mask = layout.encode_history(torch.as_tensor(batch.history, device=dev), item_codes, user)
         labels = layout.encode_target(torch.as_tensor(batch.target, device=dev), item_codes)
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            logits = model(input_ids, mask, shift_right(labels))
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        # Most sliding-window histories are short: run the encoder on chunks of similar length,
+        # each cut to its own longest history (padding is at the end and masked, so the loss is
+        # the same; measured on Beauty: ~2x fewer encoder tokens than padding to 20 items).
+        lengths = mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        total = torch.zeros((), device=dev)
+        for sel in order.split(train_chunk or len(order)):
+            width = int(lengths[sel].max())
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                logits = model(input_ids[sel, :width], mask[sel, :width], shift_right(labels[sel]))
+            total = total + F.cross_entropy(logits.float().flatten(0, 1), labels[sel].flatten(), reduction="sum")
+        return total / labels.numel()
 
     common = dict(batch_size=eval_batch_size, use_user=use_user, device=dev, autocast_dtype=amp)
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.beam_search import PrefixTrie, beam_search  # noqa: E402
 from modules.tokens import TokenLayout  # noqa: E402
+from modules.training import autocast_dtype  # noqa: E402
 from modules.transformers.generation import shift_right  # noqa: E402
 from modules.transformers.t5 import T5, T5Config  # noqa: E402
 
@@ -105,7 +106,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_train(model, batches, device, steps: int, warmup: int, amp: bool, micro_batch: int) -> float:
+def bench_train(model, batches, device, steps: int, warmup: int, amp, micro_batch: int) -> float:
     """Examples/s of full optimizer steps; a step may accumulate the gradients of micro-batches
     (same update as one pass over the batch, smaller activations)."""
     model.train()
@@ -118,7 +119,7 @@ def bench_train(model, batches, device, steps: int, warmup: int, amp: bool, micr
         size = batch[0].shape[0]
         for start in range(0, size, micro_batch):
             input_ids, mask, labels = (t[start : start + micro_batch] for t in batch)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(input_ids, mask, shift_right(labels))
             loss = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), reduction="sum")
             (loss / labels.numel()).mul(labels.shape[0] / size).backward()
@@ -134,9 +135,9 @@ def bench_train(model, batches, device, steps: int, warmup: int, amp: bool, micr
     return steps * batches[0][0].shape[0] / (time.perf_counter() - start)
 
 
-def bench_beam(model, batches, trie, layout, beam: int, top_k: int, device, calls: int, amp: bool) -> float:
+def bench_beam(model, batches, trie, layout, beam: int, top_k: int, device, calls: int, amp) -> float:
     model.eval()
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         beam_search(model, *batches[0], trie, layout, beam_size=beam, top_k=top_k)  # warm-up
         sync(device)
         start = time.perf_counter()
@@ -164,7 +165,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--beam-calls", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast as in train_decoder.precision (auto: bf16 on CUDA and bf16-capable CPUs)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -173,6 +175,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    amp = autocast_dtype(device, args.precision)  # bf16 or None
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
 
@@ -195,13 +198,14 @@ def main(argv=None) -> dict:
 
     beam_batches = [make_inputs(args.users)[:2] for _ in range(2)]
     result = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "autocast": str(amp).replace("torch.", "") if amp is not None else "fp32",
               "cpu_idle_percent_before": cpu_idle_percent(), "items": num_items,
               "params": sum(p.numel() for p in model.parameters()),
               "history_tokens": beam_batches[0][0].shape[1], "users_per_call": args.users}
     # Beam 20 first, so that the peak RSS read after it is its own (ru_maxrss only grows).
-    result["beam20_users_per_second"] = bench_beam(model, beam_batches, trie, layout, 20, 10, device, args.beam_calls, args.amp)
+    result["beam20_users_per_second"] = bench_beam(model, beam_batches, trie, layout, 20, 10, device, args.beam_calls, amp)
     result["beam20_peak_rss_mb"] = peak_rss_mb()
-    result["beam50_users_per_second"] = bench_beam(model, beam_batches, trie, layout, 50, 20, device, args.beam_calls, args.amp)
+    result["beam50_users_per_second"] = bench_beam(model, beam_batches, trie, layout, 50, 20, device, args.beam_calls, amp)
     result["beam_peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         result["beam_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -215,7 +219,7 @@ def main(argv=None) -> dict:
         micro = args.micro_batch or args.batch_size
         result["train_batch_size"], result["train_micro_batch"] = args.batch_size, micro
         result["train_examples_per_second"] = bench_train(model, train_batches, device, args.train_steps,
-                                                          args.warmup, args.amp, micro)
+                                                          args.warmup, amp, micro)
     result["peak_rss_mb"] = peak_rss_mb()
     result["cpu_idle_percent_after"] = cpu_idle_percent()
     if device.type == "cuda":

@@ -75,6 +75,24 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: oneDNN then runs bf16 matmuls natively instead of emulating them."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu internals, hence getattr
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The torch.autocast dtype for ``precision``: "fp32" (None: no autocast), "bf16", or
+    "auto" = bf16 on CUDA and on CPUs with native bf16 (measured with bench/bench_decoder.py
+    on 2 AVX512-BF16 cores: training 77 -> 136 examples/s, beam 20 155 -> 224 users/s),
+    fp32 elsewhere (emulated bf16 is slower than fp32)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -320,6 +338,10 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
             logger.log({"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
                         "train/lr": scheduler.get_last_lr()[0]}, step=step)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+            if bar.disable:  # no TTY (a log file, CI): a plain line instead of the bar
+                elapsed = train_seconds + time.time() - t_seg
+                print(f"[{desc}] step {step}/{max_steps} epoch {epoch} loss {loss.item():.3f} "
+                      f"({elapsed / 60:.1f} min)", file=sys.stderr, flush=True)
         out_of_time = max_train_minutes is not None and train_seconds + time.time() - t_seg >= 60 * max_train_minutes
         if step % eval_every == 0 or step == max_steps or out_of_time:
             metrics = validate()

@@ -80,6 +80,12 @@ def test_amazon_musical_instruments_raw_reviews(shared_data):
     assert any("item text missing" in n for n in stats["notes"])
 
 
+def test_wrong_category_names_the_review_files_found(tmp_path):
+    (tmp_path / "reviews_Musical_Instruments_5.json.gz").write_bytes(gzip.compress(b""))
+    with pytest.raises(FileNotFoundError, match="no reviews_Beauty_5.json.gz.*pass --category Musical_Instruments"):
+        amazon2014.load("Beauty", path=tmp_path)
+
+
 def test_movielens_100k_and_latest_small(shared_data):
     ml100k = movielens.load("100k", path=shared_data / "movielens" / "ml-100k")
     assert ml100k.events.height == 100000 and ml100k.items.height == 1682

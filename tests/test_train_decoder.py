@@ -87,3 +87,25 @@ def test_missing_and_mismatched_tokenizer(setup, tmp_path):
         f"train_rqvae.out_dir = '{tmp_path / 'rq2'}'"]))
     with pytest.raises(ValueError, match="40 items"):
         run(setup, tmp_path / "y", tokenizer=str(tmp_path / "rq2"))
+
+
+def test_length_grouped_chunks_give_the_same_training(setup, tmp_path):
+    """train_chunk only changes how a batch is cut into encoder passes, not the update."""
+    # fp32 and no dropout: dropout masks are drawn per pass, so chunks would draw other ones.
+    common = ("train_decoder.precision = 'fp32'", "train_decoder.stop_after_steps = 3")
+    run(setup, tmp_path / "whole", *common, "train_decoder.train_chunk = None", "T5Config.dropout = 0.0")
+    run(setup, tmp_path / "chunks", *common, "train_decoder.train_chunk = 8", "T5Config.dropout = 0.0")
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "chunks" / "last.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_precision_choices():
+    from modules.training import autocast_dtype
+
+    assert autocast_dtype(torch.device("cpu"), "fp32") is None
+    assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
+    assert autocast_dtype(torch.device("cuda"), "auto") is torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype(torch.device("cpu"), "fp16")

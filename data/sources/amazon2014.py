@@ -49,7 +49,12 @@ def load(category: str = "Beauty", path: str | Path | None = None, cache_dir: st
         folder = path if path.is_dir() else path.parent
         reviews = path if path.is_file() else find_file(folder, f"reviews_{category}_5.json", f"reviews_{category}.json")
         if reviews is None:
-            raise FileNotFoundError(f"{folder}: no {review_file_name(category)} here")
+            found = sorted(f.name for f in folder.glob("reviews_*.json*"))
+            hint = ""
+            if found:
+                other = found[0].removeprefix("reviews_").split(".json")[0].removesuffix("_5")
+                hint = f" (found {', '.join(found)}: pass --category {other})"
+            raise FileNotFoundError(f"{folder}: no {review_file_name(category)} here{hint}")
         meta = find_file(folder, f"meta_{category}.json")
     else:
         folder = Path(cache_dir or default_cache_dir()) / "raw" / "amazon2014"
