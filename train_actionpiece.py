@@ -265,7 +265,7 @@ def train_actionpiece(
     grad_clip: float = 1.0,
     train_chunk: int | None = 64,  # rows per encoder pass, grouped by length (less padding; same loss); None: one
     eval_every: int = 2_000,
-    eval_users: int | None = None,  # validate on the first N users (None: all); the test uses all
+    eval_users: int | None = None,  # validate on a fixed random N users (None: all); the test uses all
     eval_batch_size: int = 64,  # encoder rows (users x segmentations) per beam search
     num_beams: int = 50,
     n_inference_ensemble: int = 5,  # SPR segmentations per test user (validation: 1)
@@ -345,8 +345,10 @@ def train_actionpiece(
 
     common = dict(num_beams=num_beams, batch_size=eval_batch_size, seed=eval_seed, device=dev, autocast_dtype=amp)
 
+    valid_sample = valid.sample(eval_users, seed)
+
     def validate():
-        return evaluate_actionpiece(model, tok, layout, decoder, valid, q=1, max_users=eval_users, **common)
+        return evaluate_actionpiece(model, tok, layout, decoder, valid_sample, q=1, **common)
 
     loop, logger = train_loop(
         model=model, optimizer=optimizer, scheduler=scheduler, num_examples=len(train), batch_size=batch_size,

@@ -89,7 +89,7 @@ def train_decoder(
     grad_clip: float = 1.0,
     train_chunk: int | None = 64,  # rows per encoder pass, grouped by history length; None: the whole batch
     eval_every: int = 2_000,
-    eval_users: int | None = None,  # validate on the first N users (None: all); test always uses all
+    eval_users: int | None = None,  # validate on a fixed random N users (None: all); test always uses all
     eval_batch_size: int = 256,
     beam_size: int = 20,
     patience: int | None = 10,  # evaluations without improvement before stopping; None: never
@@ -132,7 +132,8 @@ def train_decoder(
         labels = layout.encode_target(torch.as_tensor(batch.target, device=dev), item_codes)
         # Most sliding-window histories are short: run the encoder on chunks of similar length,
         # each cut to its own longest history (padding is at the end and masked, so the loss is
-        # the same; measured on Beauty: ~2x fewer encoder tokens than padding to 20 items).
+        # the same; on Beauty, mean history 6.7 items, chunks of 64 hold 44% of the encoder tokens
+        # of rows padded to 20 items).
         lengths = mask.sum(1)
         order = torch.argsort(lengths, stable=True)
         total = torch.zeros((), device=dev)
@@ -145,9 +146,10 @@ def train_decoder(
 
     common = dict(batch_size=eval_batch_size, use_user=use_user, device=dev, autocast_dtype=amp)
 
+    valid_sample = valid.sample(eval_users, seed)
+
     def validate():
-        return evaluate_generative(model, valid, item_codes, layout, trie, beam_size=beam_size,
-                                   max_users=eval_users, **common)
+        return evaluate_generative(model, valid_sample, item_codes, layout, trie, beam_size=beam_size, **common)
 
     loop, logger = train_loop(
         model=model, optimizer=optimizer, scheduler=scheduler, num_examples=len(train), batch_size=batch_size,

@@ -72,10 +72,10 @@ def train_rqvae(
     warmup_steps: int = 500,
     gumbel_temperature: tuple[float, float] = (1.0, 0.1),  # annealed start -> end (gumbel mode)
     eval_every: int = 2_000,
-    # Which weights give the final codes: "collision" - the periodic eval with the lowest
-    # collision rate after warm-up (ties: lower recon loss), kept in out_dir/best.pt, as LC-Rec's RQ-VAE
-    # trainer does (collisions grow as the encoder learns to put near-duplicate items
-    # together); "last" - the final weights.
+    # Which weights give the final codes: "collision" - the periodic eval after warm-up with
+    # the lowest collision rate (ties: lower recon loss), kept in out_dir/best.pt, as LC-Rec's
+    # RQ-VAE trainer does (collisions creep up as the encoder learns to put near-duplicate
+    # items together); "last" - the final weights.
     select_by: str = "collision",
     ckpt_every: int = 2_000,
     log_every: int = 100,

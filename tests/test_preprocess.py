@@ -151,3 +151,17 @@ def test_dedup_keeps_earliest_interaction(as_int):
     assert tables.stats["duplicates_removed"] == 2
     raw_of = tables.items["raw_id"].to_list()
     assert [raw_of[i] for i in tables.sequences["items"][0]] == ["7", "8", "9"]  # 7@0, 8@1, 9@9
+
+
+def test_examples_sample_is_a_fixed_random_subset_in_order():
+    from data.dataset import Examples
+
+    n = 50
+    ex = Examples(np.arange(n), np.arange(n * 3).reshape(n, 3), np.arange(n) * 7)
+    a, b = ex.sample(10, seed=3), ex.sample(10, seed=3)
+    assert np.array_equal(a.user, b.user) and len(a) == 10
+    assert np.all(np.diff(a.user) > 0)  # distinct, original order
+    assert np.array_equal(a.history, ex.history[a.user]) and np.array_equal(a.target, ex.target[a.user])
+    assert not np.array_equal(a.user, np.arange(10))  # not simply the first ten
+    assert not np.array_equal(ex.sample(10, seed=4).user, a.user)
+    assert ex.sample(None) is ex and ex.sample(n + 5) is ex
