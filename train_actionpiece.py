@@ -3,7 +3,7 @@ a T5 that reads a user's history tokenized by ActionPiece (with Set Permutation
 Regularization) and generates the next item's tokens.
 
     python train_actionpiece.py configs/actionpiece_amazon.gin bench/configs/beauty_local.gin \
-        --gin 'train_actionpiece.max_train_minutes = 30'
+        bench/configs/cpu_30min_actionpiece.gin   # 30 minutes of training on a CPU
 
 Tiny CPU recipe (a minute): python train_actionpiece.py configs/tiny/actionpiece_tiny.gin
 

@@ -4,7 +4,7 @@ generates the semantic ID of the next item, and evaluate it with trie-constraine
     python train_rqvae.py configs/rqvae_amazon.gin bench/configs/beauty_local.gin
     python train_decoder.py configs/decoder_amazon.gin bench/configs/beauty_local.gin
     python train_decoder.py configs/decoder_amazon.gin bench/configs/beauty_local.gin \
-        --gin 'train_decoder.max_train_minutes = 30'
+        bench/configs/cpu_30min_decoder.gin   # 30 minutes of training on a CPU
 
 Tiny CPU recipe (a minute): python train_rqvae.py configs/tiny/rqvae_tiny.gin &&
     python train_decoder.py configs/tiny/decoder_tiny.gin
