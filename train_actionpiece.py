@@ -49,8 +49,8 @@ from modules.beam_search import beam_search_tokens
 from modules.evaluation import MetricAccumulator, popularity_ranking, ranking_metrics
 from modules.tokens import BOS, EOS, NUM_SPECIAL, PAD
 from modules.training import (
-    autocast_dtype, load_best, make_optimizer, parse_gin_cli, pick_device, print_result, seed_everything, train_loop,
-    warmup_cosine,
+    autocast_dtype, length_chunks, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
+    seed_everything, train_loop, warmup_cosine,
 )
 from modules.transformers.generation import shift_right
 from modules.transformers.t5 import T5, T5Config
@@ -191,7 +191,7 @@ def _item_tuple(item: int):
 
 def evaluate_actionpiece(model, tok: ActionPieceTokenizer, layout: ActionPieceLayout, decoder: ItemDecoder,
                          examples, *, q: int, num_beams: int, batch_size: int, seed: int, device: torch.device,
-                         max_users: int | None = None, autocast_dtype: torch.dtype | None = None) -> dict:
+                         autocast_dtype: torch.dtype | None = None) -> dict:
     """Recall/NDCG by generation (spec sections 10-11): q SPR segmentations per user, beam search
     over n_categories steps each, beams decoded to items and fused with ``fuse_beams``.
 
@@ -205,7 +205,7 @@ def evaluate_actionpiece(model, tok: ActionPieceTokenizer, layout: ActionPieceLa
     """
     was_training = model.training
     model.eval()
-    n = len(examples.target) if max_users is None else min(max_users, len(examples.target))
+    n = len(examples.target)
     width = max(num_beams, 10)
     users_per_batch = max(1, batch_size // q)
     starts = list(range(0, n, users_per_batch))
@@ -330,12 +330,9 @@ def train_actionpiece(
         input_ids, mask = layout.encode_inputs(tok, batch.history, rng)
         labels = labels_of[batch.target]
         labels = labels[:, : int((labels != IGNORE).sum(1).max())]
-        lengths = mask.sum(1)
-        order = torch.argsort(lengths, stable=True)
-        chunk = train_chunk or len(order)
         total = torch.zeros((), device=dev)
-        for sel in order.split(chunk):  # similar lengths together: each chunk is padded to its own longest
-            x, m = input_ids[sel, : int(lengths[sel].max())].to(dev), mask[sel, : int(lengths[sel].max())].to(dev)
+        for sel, width in length_chunks(mask.sum(1), train_chunk):
+            x, m = input_ids[sel, :width].to(dev), mask[sel, :width].to(dev)
             y = labels[sel].to(dev)
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
                 logits = model(x, m, shift_right(y.clamp(min=PAD)))

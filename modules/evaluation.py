@@ -175,7 +175,7 @@ def popularity_ranking(
 @torch.no_grad()
 def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie, *, beam_size: int,
                         top_k: int = 10, batch_size: int = 256, use_user: bool = False, ks=DEFAULT_KS,
-                        unconstrained: bool = False, max_users: int | None = None,
+                        unconstrained: bool = False,
                         device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> dict:
     """Recall/NDCG of a semantic-ID recommender by beam search over ``examples``.
 
@@ -190,7 +190,7 @@ def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie,
 
     was_training = model.training
     model.eval()
-    n = len(examples.target) if max_users is None else min(max_users, len(examples.target))
+    n = len(examples.target)
     acc, invalid, t0 = MetricAccumulator(ks), 0.0, time.perf_counter()
     for start in range(0, n, batch_size):
         sl = slice(start, min(n, start + batch_size))

@@ -93,6 +93,15 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return torch.bfloat16 if precision == "bf16" else None
 
 
+def length_chunks(lengths: torch.Tensor, chunk: int | None) -> Iterator[tuple[torch.Tensor, int]]:
+    """Split a batch into chunks of at most ``chunk`` rows of similar length: yields (row
+    indices, longest length in the chunk), shortest first. Running each chunk cut to its own
+    width skips most padding when lengths vary (``None``: one chunk, the whole batch)."""
+    order = torch.argsort(lengths, stable=True)
+    for sel in order.split(chunk or max(1, len(order))):
+        yield sel, int(lengths[sel].max())
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -109,3 +109,14 @@ def test_precision_choices():
     assert autocast_dtype(torch.device("cuda"), "auto") is torch.bfloat16
     with pytest.raises(ValueError, match="precision"):
         autocast_dtype(torch.device("cpu"), "fp16")
+
+
+def test_length_chunks_known_answer():
+    from modules.training import length_chunks
+
+    lengths = torch.tensor([5, 1, 3, 3, 9, 2, 1])
+    chunks = list(length_chunks(lengths, 3))
+    assert [c.tolist() for c, _ in chunks] == [[1, 6, 5], [2, 3, 0], [4]]  # stable sort by length
+    assert [w for _, w in chunks] == [2, 5, 9]
+    whole = list(length_chunks(lengths, None))
+    assert len(whole) == 1 and sorted(whole[0][0].tolist()) == list(range(7)) and whole[0][1] == 9
