@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import gin
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,7 +35,7 @@ from modules.semantic_ids import SemanticIdTokenizer
 from modules.tokens import TokenLayout
 from modules.training import (
     autocast_dtype, length_chunks, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
-    seed_everything, train_loop, warmup_cosine,
+    fingerprint, seed_everything, train_loop, warmup_cosine,
 )
 from modules.transformers.generation import shift_right
 from modules.transformers.gpt import GPT, GPTConfig
@@ -96,7 +97,7 @@ def train_decoder(
     log_every: int = 100,
     seed: int = 42,
     device: str = "auto",
-    precision: str = "auto",  # "auto" (bf16 on CUDA / bf16-capable CPUs), "bf16" or "fp32"
+    precision: str = "auto",  # training: "auto" (bf16 on CUDA, the faster one measured on a CPU), "bf16", "fp32"
     resume: bool = True,
     stop_after_steps: int | None = None,  # stop (with a checkpoint) after this many steps of this run
     wandb_mode: str = "offline",
@@ -109,7 +110,6 @@ def train_decoder(
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     dev = pick_device(device)
-    amp = autocast_dtype(dev, precision)
 
     dataset = load_dataset()
     tok = load_tokenizer(tokenizer, dataset)
@@ -118,6 +118,9 @@ def train_decoder(
     trie = PrefixTrie(item_codes, layout.codebook_sizes).to(dev)
     train, valid, test = dataset.train_examples(), dataset.eval_examples("valid"), dataset.eval_examples("test")
     use_user = num_user_buckets > 0
+    # What the run trains on beyond its gin bindings: a checkpoint is resumed / tested only
+    # with the same data and the same item codes (a retrained tokenizer under the same path).
+    identity = {"dataset": dataset.fingerprint(), "item_codes": fingerprint(tok.item_codes, str(tok.codebook_sizes))}
 
     model = build_model(architecture, layout).to(dev)
     optimizer = make_optimizer(model, lr, weight_decay)
@@ -125,7 +128,7 @@ def train_decoder(
     print(f"[decoder] {dataset.name}: {len(train):,} train examples, {dataset.num_users:,} users, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters ({architecture}) on {dev}", file=sys.stderr)
 
-    def loss_fn(idx):
+    def batch_loss(idx, amp: torch.dtype | None):
         batch = train.batch(idx)
         user = torch.as_tensor(batch.user, device=dev) if use_user else None
         input_ids, mask = layout.encode_history(torch.as_tensor(batch.history, device=dev), item_codes, user)
@@ -140,7 +143,17 @@ def train_decoder(
             total = total + F.cross_entropy(logits.float().flatten(0, 1), labels[sel].flatten(), reduction="sum")
         return total / labels.numel()
 
-    common = dict(batch_size=eval_batch_size, use_user=use_user, device=dev, autocast_dtype=amp)
+    # bf16 autocast where it measures faster on this machine (cached); evaluation is fp32.
+    probe = np.random.default_rng(seed).choice(len(train), min(len(train), batch_size), replace=False)
+    amp = autocast_dtype(dev, precision, benchmark=lambda dt: batch_loss(probe, dt).backward(),
+                         cache_key=f"decoder|{model.config}|batch={len(probe)}|chunk={train_chunk}")
+    model.zero_grad(set_to_none=True)
+    print(f"[decoder] training precision: {'bf16 autocast' if amp else 'fp32'}", file=sys.stderr)
+
+    def loss_fn(idx):
+        return batch_loss(idx, amp)
+
+    common = dict(batch_size=eval_batch_size, use_user=use_user, device=dev)
 
     valid_sample = valid.sample(eval_users, seed)
 
@@ -152,7 +165,7 @@ def train_decoder(
         loss_fn=loss_fn, validate=validate, out_dir=out, max_steps=max_steps, eval_every=eval_every, seed=seed,
         grad_clip=grad_clip, patience=patience, max_train_minutes=max_train_minutes,
         stop_after_steps=stop_after_steps, log_every=log_every, resume=resume, wandb_mode=wandb_mode,
-        wandb_project=wandb_project, run_name=run_name, desc="decoder",
+        wandb_project=wandb_project, run_name=run_name, identity=identity, script="train_decoder", desc="decoder",
         best_payload={"layout": layout.to_dict(), "architecture": architecture})
     if not loop.finished:  # stopped on purpose (stop_after_steps): resume later from last.pt
         logger.finish()
@@ -161,7 +174,7 @@ def train_decoder(
         return result
 
     # ---- test the best-validation checkpoint
-    load_best(model, out)
+    load_best(model, out, identity, "train_decoder")
     valid_metrics = evaluate_generative(model, valid, item_codes, layout, trie, beam_size=beam_size, **common)
     test_metrics = evaluate_generative(model, test, item_codes, layout, trie, beam_size=beam_size, **common)
     free = evaluate_generative(model, test, item_codes, layout, trie, beam_size=beam_size, unconstrained=True,

@@ -32,8 +32,8 @@ from modules.semantic_ids import (
     plot_codebook_usage,
 )
 from modules.training import (
-    batch_indices, load_checkpoint, make_logger, make_optimizer, parse_gin_cli, pick_device, print_result,
-    save_checkpoint, seed_everything, warmup_cosine,
+    batch_indices, fingerprint, load_checkpoint, make_logger, make_optimizer, parse_gin_cli, pick_device,
+    print_result, save_checkpoint, seed_everything, warmup_cosine,
 )
 
 for _cfg in (RQVAEConfig, RQKMeansConfig, FSQConfig):
@@ -114,13 +114,19 @@ def train_rqvae(
         optimizer = make_optimizer(model, lr, weight_decay)
         scheduler = warmup_cosine(optimizer, warmup_steps, max_steps)
         ckpt_path, best_path, step = out / "last.pt", out / "best.pt", 0
+        # Checkpoints are resumed only by the same run: same bindings, same items and embeddings.
+        identity = {"dataset": dataset.fingerprint(), "embeddings": fingerprint(emb)}
         if resume and ckpt_path.exists():
-            step = load_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
+            step = load_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                   identity=identity, script="train_rqvae")["step"]
             if best_path.exists():
                 best = torch.load(best_path, map_location="cpu", weights_only=False)["extra"]
             print(f"[rqvae] resumed from {ckpt_path} at step {step}", file=sys.stderr)
-        elif isinstance(model, RQVAE) and quantizer.kmeans_init:
-            model.init_codebooks(emb)  # k-means on every item's latent, not just the first batch
+        else:
+            if best_path.exists():  # an earlier run's selection must not become this run's codes
+                best_path.unlink()
+            if isinstance(model, RQVAE) and quantizer.kmeans_init:
+                model.init_codebooks(emb)  # k-means on every item's latent, not just the first batch
 
         model.train()
         stop_at = max_steps if stop_after_steps is None else min(max_steps, step + stop_after_steps)
@@ -156,9 +162,10 @@ def train_rqvae(
                 key = (score["collision_rate"], score["recon_loss"])
                 if step >= warmup_steps and (best is None or key < (best["collision_rate"], best["recon_loss"])):
                     best = score
-                    save_checkpoint(best_path, model=model, step=step, extra=best)
+                    save_checkpoint(best_path, model=model, step=step, extra=best, identity=identity)
             if step % ckpt_every == 0 or step == stop_at:
-                save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, step=step)
+                save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
+                                identity=identity)
         bar.close()
         if step < max_steps:  # stopped early on purpose: the checkpoint is the result
             logger.finish()
@@ -166,7 +173,7 @@ def train_rqvae(
             print_result(result)
             return result
         if select_by == "collision" and best is not None:
-            load_checkpoint(best_path, model=model, restore_rng=False)
+            load_checkpoint(best_path, model=model, restore_rng=False, identity=identity, script="train_rqvae")
             print(f"[rqvae] final codes from step {best['step']} (lowest collision rate after warm-up)", file=sys.stderr)
 
     m = tokenizer_metrics(model, emb)

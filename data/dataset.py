@@ -11,6 +11,7 @@ Split (leave-one-out): for a user with items s[0..n-1],
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -100,6 +101,16 @@ class SeqDataset:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def fingerprint(self) -> str:
+        """A content hash of what a model trains and is tested on: every user's items in order,
+        the item list (raw ids) and the history length. Checkpoints store it so that a run
+        never resumes onto other data."""
+        h = hashlib.sha256()
+        for a in (self.flat, self.offsets, np.asarray(self.max_history)):
+            h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        h.update("\n".join(map(str, self.items["raw_id"].to_list())).encode())
+        return h.hexdigest()[:16]
 
     def sequence(self, user: int) -> np.ndarray:
         return self.flat[self.offsets[user]: self.offsets[user + 1]]

@@ -118,16 +118,27 @@ def _search(model, input_ids, attention_mask, beam_size: int, ranges, trie: Pref
     and, if ``constrained``, only valid prefixes are kept. All beams of all users advance
     together; the only Python loop is over the steps.
     Returns scores (n, b), tokens (n, b, T) and trie nodes (n, b) (-1: no valid prefix).
+
+    Runs in fp32 even inside a caller's autocast: bf16 logits reorder near-tied beams (on a
+    tiny T5, bf16 and exhaustive fp32 scoring disagreed on the top-10 order of 19 of 96
+    users), and a ranking must not depend on the training precision.
     """
+    with torch.autocast(input_ids.device.type, enabled=False):
+        return _search_fp32(model, input_ids, attention_mask, beam_size, ranges, trie, constrained)
+
+
+def _search_fp32(model, input_ids, attention_mask, beam_size: int, ranges, trie: PrefixTrie | None,
+                 constrained: bool):
     n, device = input_ids.shape[0], input_ids.device
     state = model.start_decoding(input_ids, attention_mask)
     # The first step runs one beam per user: all beams would start from the same BOS.
     tokens = torch.full((n, 1), BOS, dtype=torch.long, device=device)
     node = torch.zeros((n, 1), dtype=torch.long, device=device)
-    scores = torch.zeros((n, 1), device=device)
+    scores = torch.zeros((n, 1), device=device, dtype=torch.float32)
     picked = torch.zeros((n, 1, 0), dtype=torch.long, device=device)
     for step, (offset, size) in enumerate(ranges):
         log_probs, state = model.step(state, tokens)
+        log_probs = log_probs.float()
         size = log_probs.shape[-1] - offset if size is None else size
         cand = scores[..., None] + log_probs[..., offset : offset + size]  # (n, b, size)
         child = trie.children(step, node) if trie is not None else None

@@ -175,14 +175,14 @@ def popularity_ranking(
 @torch.no_grad()
 def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie, *, beam_size: int,
                         top_k: int = 10, batch_size: int = 256, use_user: bool = False, ks=DEFAULT_KS,
-                        unconstrained: bool = False,
-                        device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> dict:
+                        unconstrained: bool = False, device: torch.device | str = "cpu") -> dict:
     """Recall/NDCG of a semantic-ID recommender by beam search over ``examples``.
 
     ``examples``: ``data.dataset.Examples`` (history, target, user), one held-out target each.
     ``unconstrained``: search without the item trie and also report ``invalid_rate`` (beams
     that are no item count as misses, as a real deployment would see them).
-    Returns the metrics plus ``users`` and ``users_per_second``.
+    Returns the metrics plus ``users`` and ``users_per_second``. Beams are ranked in fp32
+    whatever precision the model trained in (see modules/beam_search.py).
     """
     import time
 
@@ -196,9 +196,8 @@ def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie,
         sl = slice(start, min(n, start + batch_size))
         user = torch.as_tensor(examples.user[sl], device=device) if use_user else None
         input_ids, mask = layout.encode_history(torch.as_tensor(examples.history[sl], device=device), item_codes, user)
-        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = beam_search(model, input_ids, mask, trie, layout, beam_size=beam_size, top_k=top_k,
-                              unconstrained=unconstrained)
+        out = beam_search(model, input_ids, mask, trie, layout, beam_size=beam_size, top_k=top_k,
+                          unconstrained=unconstrained)
         acc.update(out.items, torch.as_tensor(examples.target[sl], device=device))
         if unconstrained:
             invalid += out.invalid_rate * (sl.stop - sl.start)

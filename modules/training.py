@@ -9,9 +9,11 @@ takes the same batches and draws the same dropout masks as one that never stoppe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import platform
 import random
 import sys
 import tempfile
@@ -25,6 +27,8 @@ import gin
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from data.sources.base import default_cache_dir
 
 # ----------------------------------------------------------------------------- gin CLI
 
@@ -75,22 +79,77 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: oneDNN then runs bf16 matmuls natively instead of emulating them."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu internals, hence getattr
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+def autocast_dtype(device: torch.device, precision: str = "auto",
+                   benchmark: Callable[[torch.dtype | None], None] | None = None,
+                   cache_key: str | None = None) -> torch.dtype | None:
+    """The torch.autocast dtype for training: "fp32" (None: no autocast), "bf16", or "auto".
 
-
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The torch.autocast dtype for ``precision``: "fp32" (None: no autocast), "bf16", or
-    "auto" = bf16 on CUDA and on CPUs with native bf16 (measured with bench/bench_decoder.py
-    on 2 AVX512-BF16 cores: training 77 -> 136 examples/s, beam 20 155 -> 224 users/s),
-    fp32 elsewhere (emulated bf16 is slower than fp32)."""
+    "auto" is bf16 on CUDA. On a CPU it is whichever is faster *measured on this machine*:
+    whether bf16 pays depends on the chip, not on a CPU flag (2 AVX512-BF16 cores of an AMD
+    EPYC trained 1.8x faster in bf16; 2 AVX512-BF16 cores of an Intel Xeon without AMX ran
+    ~10% slower in bf16). ``benchmark(dtype)`` runs one representative training step under
+    that autocast dtype; both are timed (after a warm-up) and the choice is cached in
+    ``$SIDREC_CACHE/precision.json`` under ``cache_key`` (the model and batch shape) plus the
+    CPU, thread count and torch version. Without a benchmark, "auto" is fp32 on a CPU.
+    Evaluation never uses this: beam search ranks in fp32 (modules/beam_search.py).
+    """
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "fp32"
+        if device.type == "cuda":
+            precision = "bf16"
+        elif benchmark is None:
+            precision = "fp32"
+        else:
+            precision = _measured_precision(benchmark, cache_key or "default")
     return torch.bfloat16 if precision == "bf16" else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _measured_precision(benchmark: Callable[[torch.dtype | None], None], cache_key: str, repeats: int = 3) -> str:
+    """Time ``benchmark`` in fp32 and bf16 (interleaved, median of ``repeats``); cached."""
+    key = f"{cache_key}|{_cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    path = default_cache_dir() / "precision.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return cached[key]["precision"]
+    # The calibration must not shift the run's random streams (dropout masks): seeded runs
+    # would otherwise depend on whether the cache existed.
+    saved = rng_state()
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    try:
+        for dtype in (None, torch.bfloat16):  # warm-up (oneDNN kernel selection, allocations)
+            benchmark(dtype)
+        for _ in range(repeats):
+            for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+                t0 = time.perf_counter()
+                benchmark(dtype)
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        set_rng_state(saved)
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    choice = "bf16" if median["bf16"] < median["fp32"] else "fp32"
+    print(f"[precision] a training step takes {median['fp32'] * 1e3:.0f} ms in fp32, "
+          f"{median['bf16'] * 1e3:.0f} ms in bf16 -> {choice} (cached in {path})", file=sys.stderr)
+    cached = {**cached, key: {"precision": choice, "fp32_ms": round(median["fp32"] * 1e3, 1),
+                              "bf16_ms": round(median["bf16"] * 1e3, 1)}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(cached, indent=1))
+    os.replace(tmp, path)
+    return choice
 
 
 def length_chunks(lengths: torch.Tensor, chunk: int | None) -> Iterator[tuple[torch.Tensor, int]]:
@@ -163,6 +222,76 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_ratio: flo
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# ----------------------------------------------------------------------------- run identity
+
+# Bindings (by parameter name) that a resumed run may change: they steer when a run stops,
+# validates, logs or reports, never what it computes. Any other difference between the
+# checkpoint's config and the current one means the checkpoint belongs to another run.
+RESUME_MAY_CHANGE = frozenset({
+    "max_train_minutes", "stop_after_steps", "patience", "eval_every", "ckpt_every", "log_every",
+    "eval_batch_size", "num_threads", "resume", "wandb_mode", "wandb_project", "run_name", "push_to_hub",
+    "cache_dir", "verbose",
+})
+
+
+class ResumeMismatchError(RuntimeError):
+    """A checkpoint in out_dir was written by a run with another configuration or other inputs."""
+
+
+def config_bindings(config: str) -> dict[str, str]:
+    """``gin.config_str()`` text -> {binding: value text}; macros are keys too (``SEED``)."""
+    bindings: dict[str, str] = {}
+    key = None
+    for line in config.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace() and key is not None:  # continuation of a long value
+            bindings[key] = f"{bindings[key]} {line.strip()}".strip()
+        elif " = " in line:
+            key, value = line.split(" = ", 1)
+            bindings[key] = value.strip().removesuffix("\\").strip()  # a trailing backslash: value below
+    return bindings
+
+
+def fingerprint(*arrays) -> str:
+    """A short content hash of arrays / tensors / strings (dataset, item codes, ...)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if isinstance(a, torch.Tensor):
+            a = a.detach().cpu().numpy()
+        if isinstance(a, str):
+            a = np.frombuffer(a.encode(), dtype=np.uint8)
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_differences(state: dict, identity: dict[str, str] | None) -> list[str]:
+    """What separates the run that wrote checkpoint ``state`` from the current one: changed gin
+    bindings (except RESUME_MAY_CHANGE) and changed inputs (``identity``: name -> fingerprint)."""
+    stored, current = config_bindings(state.get("config", "")), config_bindings(resolved_config())
+    diffs = [f"{k}: {stored.get(k, '(not set)')} -> {current.get(k, '(not set)')}"
+             for k in sorted(set(stored) | set(current))
+             if stored.get(k) != current.get(k) and k.rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE]
+    stored_identity = state.get("identity") or {}
+    for name, value in (identity or {}).items():
+        if stored_identity.get(name) != value:
+            diffs.append(f"{name} (input): {stored_identity.get(name, '(not recorded)')} -> {value}")
+    return diffs
+
+
+def check_same_run(path: str | Path, state: dict, identity: dict[str, str] | None, script: str = "train") -> None:
+    """Refuse to resume from (or test) checkpoint ``path`` when it belongs to another run."""
+    diffs = run_differences(state, identity)
+    if diffs:
+        folder = Path(path).parent
+        raise ResumeMismatchError(
+            f"{path} was written by a different run (stored -> current):\n  " + "\n  ".join(diffs) +
+            f"\nUse another out_dir, delete {folder}, or set {script}.resume = False to start over in it. "
+            f"Bindings that may change on resume: {', '.join(sorted(RESUME_MAY_CHANGE))}.")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -184,7 +313,9 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 
 
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None, step: int,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, identity: dict[str, str] | None = None) -> Path:
+    """Everything needed to resume exactly, plus the resolved config and the fingerprints of the
+    run's inputs (``identity``) that :func:`check_same_run` compares on resume."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -192,14 +323,19 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None,
         "step": step,
         "rng": rng_state(),
         "config": resolved_config(),
+        "identity": identity or {},
         "extra": extra or {},
     }
     return atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    restore_rng: bool = True) -> dict:
-    """Load a checkpoint into the given objects; returns the whole dict (step, extra, config)."""
+                    restore_rng: bool = True, identity: dict[str, str] | None = None,
+                    script: str | None = None) -> dict:
+    """Load a checkpoint into the given objects; returns the whole dict (step, extra, config).
+
+    With ``script`` (the train function's name), first checks that the checkpoint belongs to
+    the current run (same bindings but RESUME_MAY_CHANGE, same ``identity``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -207,6 +343,8 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None,
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
         raise RuntimeError(f"{path}: cannot read checkpoint ({e}); delete it to start over") from e
+    if script is not None:
+        check_same_run(path, state, identity, script)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -294,13 +432,18 @@ class LoopResult:
     train_seconds: float  # wall time spent in training steps + validation, all runs of this out_dir
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf; the checkpoints on disk are from before it."""
+
+
 def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: int, batch_size: int,
                loss_fn: Callable[[np.ndarray], torch.Tensor], validate: Callable[[], dict], out_dir: Path,
                max_steps: int, eval_every: int, seed: int, metric: str = "ndcg@10", grad_clip: float | None = 1.0,
                patience: int | None = None, max_train_minutes: float | None = None,
                stop_after_steps: int | None = None, log_every: int = 100, resume: bool = True,
                wandb_mode: str = "disabled", wandb_project: str = "sidrec", run_name: str | None = None,
-               best_payload: dict | None = None, desc: str = "train") -> tuple[LoopResult, NoOpLogger]:
+               best_payload: dict | None = None, identity: dict[str, str] | None = None,
+               script: str = "train", desc: str = "train") -> tuple[LoopResult, NoOpLogger]:
     """Train ``model`` on batches of example indices with validation-based model selection.
 
     ``loss_fn(indices) -> scalar loss`` builds and scores one batch; ``validate() -> metrics``
@@ -310,29 +453,65 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
     ``patience`` validations without improvement, or when the cumulative training time passes
     ``max_train_minutes`` (each followed by a final validation). Returns the loop result and the
     open logger (the caller logs test results and calls ``finish``).
+
+    Resume: ``last.pt`` is used only if it was written by the same run, i.e. the same gin
+    bindings (except :data:`RESUME_MAY_CHANGE`) and the same ``identity`` (fingerprints of the
+    inputs: dataset, item codes, ...; ``script`` names the train function in the error). A run
+    that had already stopped is not trained further unless a binding that may change (e.g.
+    ``max_train_minutes``) now lets it go on. A NaN or inf loss raises
+    :class:`NonFiniteLossError` before anything is saved from the broken weights.
     """
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    step, best, best_step, bad_evals, train_seconds, run_id = 0, -1.0, 0, 0, 0.0, None
+    step, best, best_step, bad_evals, train_seconds, run_id, saved_step = 0, -1.0, 0, 0, 0.0, None, None
     if resume and last_path.exists():
-        state = load_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler)
-        step = state["step"]
+        state = load_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                identity=identity, script=script)
+        step = saved_step = state["step"]
         best, best_step, bad_evals, train_seconds, run_id = (
             state["extra"][k] for k in ("best", "best_step", "bad_evals", "train_seconds", "wandb_id"))
         print(f"[{desc}] resumed from {last_path} at step {step} (best {metric} {best:.4f})", file=sys.stderr)
+    elif best_path.exists():  # a fresh run must never be tested with an earlier run's weights
+        best_path.unlink()
+        print(f"[{desc}] starting over in {out_dir}: removed the earlier run's best.pt", file=sys.stderr)
     logger = make_logger(wandb_mode, wandb_project, run_name or out_dir.name, out_dir, resume_id=run_id)
     run_id = getattr(logger, "run_id", None)
 
     def save_last() -> None:
+        nonlocal saved_step
+        saved_step = step
         save_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
                         extra={"best": best, "best_step": best_step, "bad_evals": bad_evals,
-                               "train_seconds": train_seconds, "wandb_id": run_id})
+                               "train_seconds": train_seconds, "wandb_id": run_id}, identity=identity)
 
+    def out_of_time(seconds: float) -> bool:
+        return max_train_minutes is not None and seconds >= 60 * max_train_minutes
+
+    def out_of_patience() -> bool:
+        return patience is not None and bad_evals >= patience
+
+    # A resumed run that had stopped (patience, time cap) stays stopped.
+    done = step > 0 and (out_of_patience() or out_of_time(train_seconds))
     stop_at = max_steps if stop_after_steps is None else min(max_steps, step + stop_after_steps)
     bar = tqdm(total=max_steps, initial=step, desc=desc, disable=None, file=sys.stderr)
     batches = batch_indices(num_examples, batch_size, seed, start_step=step)
+    # Summed on the device so that checking it costs no host sync per step (only when logging
+    # or validating): a non-finite loss anywhere since the last check makes it non-finite.
+    loss_check = torch.zeros(())
     model.train()
-    t_seg, done = time.time(), False
+    t_seg = time.time()
+
+    def check_finite(epoch: int) -> None:
+        if not torch.isfinite(loss_check).item():
+            bar.close()
+            kept = f"the last good checkpoint is {last_path} (step {saved_step})" if saved_step is not None \
+                else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"[{desc}] the training loss became NaN or inf between steps {last_check} and {step} "
+                f"(epoch {epoch}); stopped without saving; {kept}. Lower the learning rate or check the "
+                f"inputs, then resume or start over.")
+
+    last_check = step
     while step < stop_at and not done:
         step, epoch, idx = next(batches)
         loss = loss_fn(idx)
@@ -341,9 +520,12 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
         optimizer.step()
         scheduler.step()
+        loss_check = loss_check.to(loss.device) + loss.detach().float()
         step += 1
         bar.update(1)
         if step % log_every == 0:
+            check_finite(epoch)
+            last_check = step
             logger.log({"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
                         "train/lr": scheduler.get_last_lr()[0]}, step=step)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
@@ -351,8 +533,10 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
                 elapsed = train_seconds + time.time() - t_seg
                 print(f"[{desc}] step {step}/{max_steps} epoch {epoch} loss {loss.item():.3f} "
                       f"({elapsed / 60:.1f} min)", file=sys.stderr, flush=True)
-        out_of_time = max_train_minutes is not None and train_seconds + time.time() - t_seg >= 60 * max_train_minutes
-        if step % eval_every == 0 or step == max_steps or out_of_time:
+        timed_out = out_of_time(train_seconds + time.time() - t_seg)
+        if step % eval_every == 0 or step == max_steps or timed_out:
+            check_finite(epoch)
+            last_check = step
             metrics = validate()
             model.train()
             logger.log({f"valid/{k}": v for k, v in metrics.items()}, step=step)
@@ -360,15 +544,18 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
             if improved:
                 best, best_step, bad_evals = metrics[metric], step, 0
                 atomic_torch_save({"model": model.state_dict(), "step": step, "valid": metrics,
-                                   "config": resolved_config(), **(best_payload or {})}, best_path)
+                                   "config": resolved_config(), "identity": identity or {},
+                                   **(best_payload or {})}, best_path)
             else:
                 bad_evals += 1
             tqdm.write(f"[{desc}] step {step} epoch {epoch}: loss {loss.item():.3f} valid {metric} "
                        f"{metrics[metric]:.4f}{' (best)' if improved else ''}", file=sys.stderr)
-            done = out_of_time or (patience is not None and bad_evals >= patience)
+            done = timed_out or out_of_patience()
             train_seconds += time.time() - t_seg
             t_seg = time.time()
             save_last()
+    if step > last_check:
+        check_finite(epoch)
     train_seconds += time.time() - t_seg
     bar.close()
     finished = done or step >= max_steps
@@ -377,11 +564,17 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
     return LoopResult(step, finished, best, best_step, train_seconds), logger
 
 
-def load_best(model: torch.nn.Module, out_dir: str | Path) -> dict | None:
-    """Load ``out_dir/best.pt`` weights into ``model``; returns its payload (None if absent)."""
+def load_best(model: torch.nn.Module, out_dir: str | Path, identity: dict[str, str] | None = None,
+              script: str = "train") -> dict:
+    """Load ``out_dir/best.pt`` weights into ``model``; returns its payload.
+
+    Raises if there is none (the run never validated to a finite metric: testing the last
+    weights instead would report a model nobody selected) or if it belongs to another run."""
     path = Path(out_dir) / "best.pt"
     if not path.exists():
-        return None
+        raise FileNotFoundError(f"{path} not found: the run never saved a best-validation checkpoint "
+                                "(no validation ran, or every validation metric was NaN)")
     state = torch.load(path, map_location="cpu", weights_only=False)
+    check_same_run(path, state, identity, script)
     model.load_state_dict(state["model"])
     return state

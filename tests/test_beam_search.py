@@ -94,12 +94,16 @@ def test_trie_rejects_duplicates_and_bad_codes():
 
 # ---------------------------------------------------------------------- beam search
 @pytest.mark.parametrize("kind", ["t5", "gpt"])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 @settings(max_examples=5, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), beam=st.integers(30, 40))
-def test_wide_beam_equals_exhaustive_scoring(kind, seed, beam):
-    codes, ids, mask = make_problem(seed)
+def test_wide_beam_equals_exhaustive_scoring(kind, autocast, seed, beam):
+    """Exact, order included, even when the caller runs under bf16 autocast (training precision):
+    the ranking scores are computed in fp32 and compared with exhaustive fp32 scoring."""
+    codes, ids, mask = make_problem(seed, n=24)
     model = make_model(kind, seed)
-    out = beam_search(model, ids, mask, PrefixTrie(codes, SIZES), LAYOUT, beam_size=beam, top_k=10)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = beam_search(model, ids, mask, PrefixTrie(codes, SIZES), LAYOUT, beam_size=beam, top_k=10)
     best = exhaustive_scores(model, ids, mask, codes).topk(10, dim=1)
     assert torch.equal(out.items, best.indices)
     torch.testing.assert_close(out.scores, best.values, atol=1e-4, rtol=1e-4)
