@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import train_actionpiece
+from modules.actionpiece import ActionPieceTokenizer
+from modules.actionpiece.recommender import ActionPieceLayout, ItemDecoder
 from modules.beam_search import beam_search_tokens
 from modules.tokens import BOS, EOS, PAD
 from modules.transformers.generation import target_log_probs
@@ -47,12 +49,16 @@ def full(setup):
 
 def test_end_to_end_outputs(full):
     out, res = full
-    for split in ("valid", "test", "popularity"):
+    for split in ("valid", "valid_selection", "test", "test_official", "test_lenient", "popularity"):
         assert set(res[split]) == KEYS
         assert all(0 <= v <= 1 for v in res[split].values())
         assert res[split]["recall@10"] >= res[split]["ndcg@10"] and res[split]["recall@10"] >= res[split]["recall@5"]
-    assert 0 <= res["err@10"] <= 1 and 0 <= res["invalid_rate"] <= 1
+    assert res["invalid_beams"] == "keep_rank" and res["test"] == res["test_official"]
+    # Dropping tuples that are no item only moves targets up.
+    assert all(res["test_lenient"][k] >= res["test_official"][k] for k in KEYS)
+    assert 0 <= res["err@10"] <= 1 and 0 <= res["no_item_rate"] <= res["invalid_rate"] <= 1
     assert res["valid_users"] == 150 and res["n_inference_ensemble"] == 3 and res["num_beams"] == 10
+    assert res["valid_selection_users"] == 150 and res["valid"] == res["valid_selection"]  # eval_users >= all
     assert res["device"] == "cpu" and res["eval_users_per_second"] > 0 and res["train_seconds"] > 0
     assert res["steps"] == 60 and res["best_step"] in (30, 60)
     assert res["vocab_seconds"] >= 0
@@ -87,22 +93,48 @@ def test_given_tokenizer_and_missing_one(setup, full, tmp_path):
         run(setup, tmp_path / "x", f"train_actionpiece.tokenizer = '{tmp_path / 'nope'}'")
 
 
+def test_valid_on_all_users_and_lenient_scoring(setup, full, tmp_path):
+    """Selected on a sample of 40 validation users, reported on all 150; 'drop' is reported as test."""
+    full_dir, _ = full
+    res = run(setup, tmp_path / "sample", f"train_actionpiece.tokenizer = '{full_dir}'",
+              "train_actionpiece.max_steps = 4", "train_actionpiece.eval_every = 2",
+              "train_actionpiece.eval_users = 40", "train_actionpiece.invalid_beams = 'drop'")
+    assert res["valid_selection_users"] == 40 and res["valid_users"] == 150
+    assert set(res["valid"]) == set(res["valid_selection"]) == KEYS
+    assert res["invalid_beams"] == "drop" and res["test"] == res["test_lenient"]
+    with pytest.raises(ValueError, match="invalid_beams"):
+        run(setup, tmp_path / "bad", f"train_actionpiece.tokenizer = '{full_dir}'", "train_actionpiece.max_steps = 2",
+            "train_actionpiece.eval_every = 2", "train_actionpiece.invalid_beams = 'skip'")
+
+
+def test_learns_to_beat_popularity(setup, tmp_path):
+    """The fixture's users buy inside a favourite category in a cyclic order: 400 steps of the tiny
+    model (~15 s on one core) find it. Measured test NDCG@10 over fixture seeds 0-3 and training
+    seeds 1, 2, 3, 7, 42: 0.39-0.51 against popularity's 0.06-0.09 (4.4-6.8x); the 60 steps of
+    the plain tiny config score ~0.05, below popularity."""
+    res = run(setup, tmp_path / "learn", "train_actionpiece.max_steps = 400", "train_actionpiece.eval_every = 100",
+              "train_actionpiece.warmup_steps = 50")
+    model, popular = res["test"]["ndcg@10"], res["popularity"]["ndcg@10"]
+    assert model >= 2 * popular and model >= popular + 0.15, (model, popular)
+    assert res["test"]["recall@10"] >= 2 * res["popularity"]["recall@10"]
+
+
 def test_layout_labels_decode_to_their_items(full):
     full_dir, _ = full
-    tok = train_actionpiece.ActionPieceTokenizer.from_pretrained(full_dir / "tokenizer")
+    tok = ActionPieceTokenizer.from_pretrained(full_dir / "tokenizer")
     for output_vocab in ("targets", "all"):
-        layout = train_actionpiece.ActionPieceLayout.build(tok, output_vocab)
+        layout = ActionPieceLayout.build(tok, output_vocab)
         assert layout.vocab_size == tok.vocab_size + 2
         assert sorted(layout.to_model[1:]) == list(range(3, tok.vocab_size + 2))  # a bijection onto 3..
         assert (layout.to_ap[layout.to_model[1:]] == np.arange(1, tok.vocab_size)).all()
         labels = layout.labels
         emitted = labels[labels >= 0]
         assert emitted.max() < layout.output_vocab_size  # every label is a token the decoder can emit
-        decode = train_actionpiece.ItemDecoder(tok, layout)
+        decode = ItemDecoder(tok, layout)
         padded = np.where(labels >= 0, labels, PAD)  # after EOS: ignored by the decoding
         assert (decode(torch.from_numpy(padded)) == np.arange(len(labels))).all()
         assert decode(torch.tensor([[BOS, EOS], [EOS, 5]])).tolist() == [-1, -1]  # BOS / empty: invalid
-    assert train_actionpiece.ActionPieceLayout.build(tok, "targets").output_vocab_size < layout.output_vocab_size
+    assert ActionPieceLayout.build(tok, "targets").output_vocab_size < layout.output_vocab_size
 
 
 # ----------------------------------------------------------------------------- beam search

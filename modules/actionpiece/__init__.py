@@ -2,7 +2,9 @@
 
 See ``shared/design/actionpiece.md`` for the algorithm; ``vocab`` (fast construction),
 ``reference`` (slow exact yardstick), ``segment`` (SPR, deterministic, decoding, fusion),
-``tokenizer`` (files, Hub), ``features`` (PCA + OPQ codes + hash bucket).
+``tokenizer`` (files, Hub), ``features`` (PCA + OPQ codes + hash bucket), ``recommender``
+(the T5 recommender's token layout, item decoding and evaluation; imported from there, not
+re-exported here, so that importing the tokenizer does not load torch and the data code).
 """
 
 from modules.actionpiece.tokenizer import ActionPieceTokenizer
