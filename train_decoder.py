@@ -26,18 +26,17 @@ from pathlib import Path
 import gin
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data.prepare import load_dataset
 from modules.beam_search import PrefixTrie
 from modules.evaluation import evaluate_generative, popularity_ranking, ranking_metrics
+from modules.objectives import all_positions_loss, sliding_window_loss
 from modules.semantic_ids import SemanticIdTokenizer
 from modules.tokens import TokenLayout
 from modules.training import (
-    autocast_dtype, length_chunks, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
+    autocast_dtype, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
     fingerprint, seed_everything, train_loop, warmup_cosine,
 )
-from modules.transformers.generation import shift_right
 from modules.transformers.gpt import GPT, GPTConfig
 from modules.transformers.t5 import T5, T5Config
 
@@ -79,6 +78,9 @@ def build_model(architecture: str, layout: TokenLayout) -> torch.nn.Module:
 def train_decoder(
     tokenizer: str = gin.REQUIRED,  # train_rqvae.py output dir or Hub repo id
     architecture: str = "t5",
+    # "sliding": one example per target (history = the items before it, up to max_history);
+    # "all_positions" (GPT): one causal pass per sequence segment predicts all its targets.
+    train_mode: str = "sliding",
     out_dir: str = "runs/decoder",
     num_user_buckets: int = 2000,  # TIGER's hashed user token; 0: none
     batch_size: int = 256,
@@ -106,6 +108,10 @@ def train_decoder(
     push_to_hub: str | None = None,  # Hub repo id for the best model + token layout
 ) -> dict:
     t_start = time.time()
+    if train_mode not in ("sliding", "all_positions") or (train_mode == "all_positions" and architecture != "gpt"):
+        raise ValueError(f"train_decoder.train_mode must be 'sliding' or (for architecture 'gpt') 'all_positions', "
+                         f"got {train_mode!r} with architecture {architecture!r}")
+    all_positions = train_mode == "all_positions"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
@@ -116,7 +122,8 @@ def train_decoder(
     layout = TokenLayout(tuple(tok.codebook_sizes), num_user_buckets=num_user_buckets)
     item_codes = tok.item_codes.to(dev)
     trie = PrefixTrie(item_codes, layout.codebook_sizes).to(dev)
-    train, valid, test = dataset.train_examples(), dataset.eval_examples("valid"), dataset.eval_examples("test")
+    train = dataset.train_segments() if all_positions else dataset.train_examples()
+    valid, test = dataset.eval_examples("valid"), dataset.eval_examples("test")
     use_user = num_user_buckets > 0
     # What the run trains on beyond its gin bindings: a checkpoint is resumed / tested only
     # with the same data and the same item codes (a retrained tokenizer under the same path).
@@ -125,28 +132,29 @@ def train_decoder(
     model = build_model(architecture, layout).to(dev)
     optimizer = make_optimizer(model, lr, weight_decay)
     scheduler = warmup_cosine(optimizer, warmup_steps, max_steps)
-    print(f"[decoder] {dataset.name}: {len(train):,} train examples, {dataset.num_users:,} users, "
+    print(f"[decoder] {dataset.name}: {len(train):,} train {'segments' if all_positions else 'examples'}, "
+          f"{dataset.num_users:,} users, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters ({architecture}) on {dev}", file=sys.stderr)
 
+    def as_user(user):
+        return torch.as_tensor(user, device=dev) if use_user else None
+
     def batch_loss(idx, amp: torch.dtype | None):
-        batch = train.batch(idx)
-        user = torch.as_tensor(batch.user, device=dev) if use_user else None
-        input_ids, mask = layout.encode_history(torch.as_tensor(batch.history, device=dev), item_codes, user)
-        labels = layout.encode_target(torch.as_tensor(batch.target, device=dev), item_codes)
-        # Most sliding-window histories are short (Beauty: 6.7 items on average; chunks of 64
-        # hold 44% of the encoder tokens of rows padded to 20 items). Padding is at the end and
-        # masked, so the loss is the same.
-        total = torch.zeros((), device=dev)
-        for sel, width in length_chunks(mask.sum(1), train_chunk):
-            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                logits = model(input_ids[sel, :width], mask[sel, :width], shift_right(labels[sel]))
-            total = total + F.cross_entropy(logits.float().flatten(0, 1), labels[sel].flatten(), reduction="sum")
-        return total / labels.numel()
+        if all_positions:  # whole segments: every target of a sequence in one causal pass
+            user, items = train.batch(idx)
+            total, count = all_positions_loss(model, layout, item_codes, torch.as_tensor(items, device=dev),
+                                              as_user(user), amp, train_chunk)
+        else:  # one sliding window per target
+            batch = train.batch(idx)
+            total, count = sliding_window_loss(
+                model, layout, item_codes, torch.as_tensor(batch.history, device=dev),
+                torch.as_tensor(batch.target, device=dev), as_user(batch.user), amp, train_chunk)
+        return total / count
 
     # bf16 autocast where it measures faster on this machine (cached); evaluation is fp32.
     probe = np.random.default_rng(seed).choice(len(train), min(len(train), batch_size), replace=False)
     amp = autocast_dtype(dev, precision, benchmark=lambda dt: batch_loss(probe, dt).backward(),
-                         cache_key=f"decoder|{model.config}|batch={len(probe)}|chunk={train_chunk}")
+                         cache_key=f"decoder|{train_mode}|{model.config}|batch={len(probe)}|chunk={train_chunk}")
     model.zero_grad(set_to_none=True)
     print(f"[decoder] training precision: {'bf16 autocast' if amp else 'fp32'}", file=sys.stderr)
 
@@ -184,6 +192,7 @@ def train_decoder(
     result = {
         "dataset": dataset.name,
         "architecture": architecture,
+        "train_mode": train_mode,
         "valid": {k: valid_metrics[k] for k in REPORT_KEYS},
         "test": {k: test_metrics[k] for k in REPORT_KEYS},
         "unconstrained_test": {k: free[k] for k in REPORT_KEYS},

@@ -70,6 +70,31 @@ class TrainExamples(NamedTuple):
         return self.batch(np.arange(len(self)))
 
 
+class TrainSegments(NamedTuple):
+    """Each user's training part cut into segments of at most ``max_history + 1`` items, for
+    models that predict every next item of a sequence in one causal pass: the targets are a
+    segment's items after its first, each with at most ``max_history`` items of context, and
+    every sliding-window target occurs in exactly one segment (with the same context when the
+    training part has at most ``max_history + 1`` items, as almost all Beauty users do)."""
+
+    user: np.ndarray  # (n,) int64
+    start: np.ndarray  # (n,) int64 index into ``flat`` of the segment's first item
+    end: np.ndarray  # (n,) int64 index into ``flat`` one past its last item
+    flat: np.ndarray
+    width: int  # max_history + 1
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(user (n,), items (n, width) oldest first, -1 padded at the end)."""
+        return self.user[indices], _windows(self.flat, self.start[indices], self.end[indices], self.width)
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.end - self.start - 1).sum())
+
+
 def _windows(flat: np.ndarray, start: np.ndarray, end: np.ndarray, width: int) -> np.ndarray:
     """Rows ``flat[max(start, end-width):end]`` left-aligned, padded with -1."""
     lo = np.maximum(start, end - width)
@@ -137,6 +162,24 @@ class SeqDataset:
         first = np.repeat(starts + 1 - np.concatenate([[0], np.cumsum(n_per_user)[:-1]]), n_per_user)
         target_pos = first + np.arange(len(user))
         return TrainExamples(user, target_pos, starts[user], self.flat, self.max_history)
+
+    def train_segments(self) -> TrainSegments:
+        """The training parts as segments for all-positions training (see TrainSegments).
+
+        Segments end at the end of the training part and step back by ``max_history`` items,
+        so consecutive segments share one item (the context of the next one's first target);
+        the first segment of a long user may be shorter. Training parts of one item have no
+        target and give no segment."""
+        starts, ends = self.offsets[:-1], self.offsets[1:] - 2
+        step = self.max_history
+        n_targets = np.maximum(ends - starts - 1, 0)
+        n_seg = -(-n_targets // step)  # ceil: each segment holds up to `step` targets
+        user = np.repeat(np.arange(self.num_users, dtype=np.int64), n_seg)
+        k = np.arange(len(user)) - np.repeat(np.cumsum(n_seg) - n_seg, n_seg)  # 0 = the last segment
+        seg_end = ends[user] - k * step
+        seg_start = np.maximum(starts[user], seg_end - step - 1)
+        order = np.lexsort((seg_start, user))  # oldest segment first within a user
+        return TrainSegments(user[order], seg_start[order], seg_end[order], self.flat, step + 1)
 
     def eval_examples(self, split: str) -> Examples:
         if split not in ("valid", "test"):

@@ -120,3 +120,11 @@ def test_length_chunks_known_answer():
     assert [w for _, w in chunks] == [2, 5, 9]
     whole = list(length_chunks(lengths, None))
     assert len(whole) == 1 and sorted(whole[0][0].tolist()) == list(range(7)) and whole[0][1] == 9
+
+
+def test_gpt_all_positions_training(setup, tmp_path):
+    res = run(setup, tmp_path / "allpos", "train_decoder.architecture = 'gpt'",
+              "train_decoder.train_mode = 'all_positions'")
+    assert res["train_mode"] == "all_positions" and res["steps"] == 60
+    with pytest.raises(ValueError, match="all_positions"):
+        run(setup, tmp_path / "t5allpos", "train_decoder.train_mode = 'all_positions'")

@@ -1,5 +1,6 @@
 """TokenLayout, T5 and GPT: known answers, cache vs recomputation, padding invariance."""
 
+import itertools
 import math
 
 import pytest
@@ -295,3 +296,30 @@ def test_cpu_training_attention_path_matches_sdpa(name):
     with torch.no_grad():
         eval_out = model.eval()(ids, mask, dec)
     torch.testing.assert_close(train_out, eval_out, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- all-positions GPT training
+def test_all_positions_loss_equals_sliding_windows_summed():
+    """One causal pass over a whole sequence scores every target exactly as one sliding window
+    per target does (fp32, no dropout), with and without the user token, ragged lengths."""
+    from modules.objectives import all_positions_loss, sliding_window_loss
+
+    torch.manual_seed(0)
+    model = tiny_gpt(dropout=0.0).eval()
+    codes = torch.tensor(list(itertools.product(*(range(c) for c in LAYOUT.codebook_sizes))))[torch.randperm(60)[:30]]
+    items = torch.full((4, 7), -1)
+    for row, length in enumerate([7, 2, 5, 3]):
+        items[row, :length] = torch.randperm(30)[:length]
+    for user in (None, torch.tensor([3, 1, 4, 1])):
+        total, count = all_positions_loss(model, LAYOUT, codes, items, user, chunk=2)
+        ref, ref_count = torch.zeros(()), 0
+        for row in range(4):
+            length = int((items[row] >= 0).sum())
+            for t in range(1, length):
+                history = torch.full((1, 6), -1)
+                history[0, :t] = items[row, :t]
+                loss, n = sliding_window_loss(model, LAYOUT, codes, history, items[row, t: t + 1],
+                                              None if user is None else user[row: row + 1])
+                ref, ref_count = ref + loss, ref_count + n
+        assert count == ref_count == (6 + 1 + 4 + 2) * LAYOUT.num_levels
+        torch.testing.assert_close(total, ref, atol=1e-4, rtol=1e-5)

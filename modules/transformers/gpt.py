@@ -1,9 +1,14 @@
 """GPT-style decoder-only recommender with rotary positions, and incremental decoding.
 
-One sequence per user: the history tokens, then BOS and the target tokens. Histories come
+One sequence per user: the history tokens, then the target tokens. Histories come
 right-padded from :meth:`modules.tokens.TokenLayout.encode_history`; they are moved to the
 left (padding first) so that the target always follows the last real token. RoPE only sees
 position differences, so how much padding precedes a history does not change the outputs.
+
+The decoder's BOS input (the first of ``shift_right(labels)``) is not fed: the last history
+position predicts the target's first code. A target then reads exactly as a history item
+does, so one causal pass over a whole sequence (:meth:`GPT.next_token_logits`) gives the
+same predictions for every item in it as one sliding window per item.
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ class Block(nn.Module):
 class GPTDecodingState(DecodingState):
     prefix_kv: tuple  # per layer (k, v), each (n, h, P, d): the history, shared by a user's beams
     prefix_mask: torch.Tensor  # (n, 1, 1, P) additive
+    first_log_probs: torch.Tensor | None = None  # (n, 1, V_out): what the history's last position predicts
 
 
 class GPT(nn.Module):
@@ -161,25 +167,39 @@ class GPT(nn.Module):
         return x, kvs
 
     def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
+        """Logits (n, T, V_out) for the T labels whose teacher-forcing inputs are
+        ``decoder_input_ids`` = [BOS, label_1, ..., label_T-1] (BOS itself is not fed)."""
         ids, keep = left_align(input_ids, attention_mask)
         T = decoder_input_ids.shape[1]
-        ids = torch.cat([ids, decoder_input_ids], dim=1)
-        keep = torch.cat([keep, torch.ones_like(decoder_input_ids, dtype=torch.bool)], dim=1)
+        fed = decoder_input_ids[:, 1:]
+        ids = torch.cat([ids, fed], dim=1)
+        keep = torch.cat([keep, torch.ones_like(fed, dtype=torch.bool)], dim=1)
         x, _ = self._run(ids, keep)
-        # Only the target positions need the (vocabulary-sized) output layer.
+        # Only the positions that predict a label need the (vocabulary-sized) output layer.
         return self.output_logits(self.norm(x[:, -T:]))
+
+    def next_token_logits(self, input_ids, attention_mask, predict: torch.Tensor) -> torch.Tensor:
+        """One causal pass over right-padded sequences (n, S); logits (M, V_out) of the next token
+        at the M positions where ``predict`` (n, S) is True, in row-major order (all-positions
+        training: every target item of a sequence at once)."""
+        x, _ = self._run(input_ids, attention_mask.bool())
+        return self.output_logits(self.norm(x[predict]))
 
     def start_decoding(self, input_ids, attention_mask) -> GPTDecodingState:
         ids, keep = left_align(input_ids, attention_mask)
-        _, kvs = self._run(ids, keep)
+        x, kvs = self._run(ids, keep)
+        first = F.log_softmax(self.output_logits(self.norm(x[:, -1:])).float(), dim=-1)
         return GPTDecodingState(cache=KVCache(len(self.blocks)), num_beams=1, prefix_kv=tuple(kvs),
-                                prefix_mask=additive_mask(keep[:, None, None, :]))
+                                prefix_mask=additive_mask(keep[:, None, None, :]), first_log_probs=first)
 
     def step(self, state: GPTDecodingState, tokens: torch.Tensor):
-        """Feed one token per beam, tokens (n, b) -> log-probs of the next token (n, b, V_out)."""
+        """Feed one token per beam, tokens (n, b) -> log-probs of the next token (n, b, V_out).
+        The first step's token (BOS) is not fed: the history already predicted the first code."""
         n, b = tokens.shape
         if b != state.num_beams:
             raise ValueError(f"modules/transformers/gpt.py: step got {b} beams, the state has {state.num_beams}")
+        if state.first_log_probs is not None:
+            return state.first_log_probs.expand(n, b, -1), dataclasses.replace(state, first_log_probs=None)
         position = state.prefix_mask.shape[-1] + state.cache.length
         cos, sin = self.rotary.cos_sin(torch.tensor([position], device=tokens.device))
         x = self.drop(self.embed(tokens))
