@@ -223,7 +223,7 @@ def train_actionpiece(
     }
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()
-    print_result(result)
+    print_result(result, out)
     return result
 
 

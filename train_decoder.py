@@ -211,7 +211,7 @@ def train_decoder(
     if push_to_hub:
         push_recommender(push_to_hub, out / "best.pt", tok)
         result["hub"] = push_to_hub
-    print_result(result)
+    print_result(result, out)
     return result
 
 

@@ -206,7 +206,7 @@ def train_rqvae(
     if push_to_hub:
         tokenizer.push_to_hub(push_to_hub)
         result["hub"] = push_to_hub
-    print_result(result)
+    print_result(result, out)
     return result
 
 

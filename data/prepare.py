@@ -27,7 +27,7 @@ from data.sources.base import default_cache_dir
 from data.text import DEFAULT_ENCODER, DEFAULT_TEMPLATE, embed_items, items_with_text
 
 SOURCES = ("amazon2014", "movielens", "p5", "recbole")
-PREPROCESS_VERSION = 1  # bump when preprocessing changes meaning, to invalidate caches
+PREPROCESS_VERSION = 2  # 2: users and items filtered to a fixed point. Bump when preprocessing changes meaning, to invalidate caches
 
 
 def _source_args(source: str, path, items, category, version, name, base_url, min_rating) -> dict:

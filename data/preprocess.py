@@ -46,17 +46,21 @@ def _pair_key(events: pl.DataFrame) -> pl.Series:
     return codes[0] * (1 << 32) + codes[1]
 
 
-def k_core(events: pl.LazyFrame | pl.DataFrame, k: int) -> pl.DataFrame:
-    """Largest sub-table in which every user and every item has >= k rows.
+def k_core(events: pl.LazyFrame | pl.DataFrame, k: int, min_user: int = 0) -> pl.DataFrame:
+    """Largest sub-table in which every item has >= k rows and every user >= max(k, min_user).
 
     Removing all under-threshold users and items at once and repeating converges to the
-    same fixpoint as removing them one at a time (the k-core is unique).
+    same fixpoint as removing them one at a time (the union of two tables that meet the
+    thresholds meets them too, so the largest one is unique and no round removes a row of it).
+    The user threshold must be part of the same loop: dropping short users afterwards can
+    push an item under k, and dropping that item can leave a user short again.
     """
     df = events.lazy().collect() if isinstance(events, pl.LazyFrame) else events
-    if k <= 1:
+    user_k = max(k, min_user)
+    if user_k <= 1:  # then k <= 1 too: nothing to filter
         return df
     while True:
-        kept = df.filter((pl.len().over("user") >= k) & (pl.len().over("item") >= k))
+        kept = df.filter((pl.len().over("user") >= user_k) & (pl.len().over("item") >= k))
         if kept.height == df.height:
             return kept
         df = kept
@@ -73,10 +77,7 @@ def preprocess(raw: RawData, options: PreprocessOptions = PreprocessOptions()) -
             events = (events.with_columns(key.alias("pair")).sort("timestamp", "order")
                       .unique("pair", keep="first", maintain_order=True).drop("pair"))
     n_dedup = events.height
-    events = k_core(events, options.min_count)
-    short = events.group_by("user").len().filter(pl.col("len") < options.min_history)
-    if short.height:
-        events = k_core(events.join(short.select("user"), on="user", how="anti"), options.min_count)
+    events = k_core(events, options.min_count, min_user=options.min_history)
     if events.height == 0:
         raise ValueError(f"{raw.name}: nothing is left after the {options.min_count}-core filter "
                          f"(min_history={options.min_history})")

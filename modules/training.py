@@ -58,8 +58,16 @@ def resolved_config() -> str:
     return gin.config_str()
 
 
-def print_result(result: dict) -> None:
-    """The last stdout line of every script: one JSON object."""
+def print_result(result: dict, out_dir: str | Path | None = None) -> None:
+    """The last stdout line of every script: one JSON object. With ``out_dir``, also written
+    (atomically) to ``out_dir/result.json`` with the command line and the resolved config, so
+    that a reported figure can be traced to what produced it (README rows: results/)."""
+    if out_dir is not None:
+        path = Path(out_dir) / "result.json"
+        record = {**result, "command": " ".join(["python", *sys.argv]), "config": resolved_config()}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")
+        os.replace(tmp, path)
     sys.stdout.flush()
     print(json.dumps(result, default=float), flush=True)
 

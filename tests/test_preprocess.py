@@ -4,7 +4,7 @@ and leave-one-out invariants on real MovieLens data."""
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from data.dataset import SeqDataset, load_tables, save_tables
@@ -14,15 +14,16 @@ from data.sources import movielens
 from data.sources.base import RawData, empty_items
 
 
-def naive_k_core(pairs: list[tuple[str, str]], k: int) -> set[tuple[str, str]]:
-    """Remove one under-threshold user or item at a time until none is left."""
+def naive_k_core(pairs: list[tuple[str, str]], k: int, min_user: int = 0) -> set[tuple[str, str]]:
+    """Remove one under-threshold user (< max(k, min_user) rows) or item (< k rows) at a time
+    until none is left."""
     rows = set(pairs)
     while True:
         users, items = {}, {}
         for u, i in rows:
             users[u] = users.get(u, 0) + 1
             items[i] = items.get(i, 0) + 1
-        bad = next(((0, u) for u, c in users.items() if c < k), None) or \
+        bad = next(((0, u) for u, c in users.items() if c < max(k, min_user)), None) or \
             next(((1, i) for i, c in items.items() if c < k), None)
         if bad is None:
             return rows
@@ -30,13 +31,14 @@ def naive_k_core(pairs: list[tuple[str, str]], k: int) -> set[tuple[str, str]]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 9)), max_size=150, unique=True), st.integers(1, 4))
-def test_k_core_matches_naive(pairs, k):
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 9)), max_size=150, unique=True), st.integers(1, 4),
+       st.integers(0, 4))
+def test_k_core_matches_naive(pairs, k, min_user):
     pairs = [(f"u{u}", f"i{i}") for u, i in pairs]
     df = pl.DataFrame({"user": [u for u, _ in pairs], "item": [i for _, i in pairs]},
                       schema={"user": pl.String, "item": pl.String})
-    got = set(zip(*k_core(df, k).select("user", "item").to_dict(as_series=False).values()))
-    assert got == naive_k_core(pairs, k)
+    got = set(zip(*k_core(df, k, min_user).select("user", "item").to_dict(as_series=False).values()))
+    assert got == naive_k_core(pairs, k, min_user)
 
 
 def _raw(seqs: list[list[int]]) -> RawData:
@@ -48,6 +50,34 @@ def _raw(seqs: list[list[int]]) -> RawData:
     events = pl.DataFrame({"user": users, "item": items, "timestamp": ts}).with_columns(
         pl.col("timestamp").cast(pl.Int64), pl.int_range(pl.len(), dtype=pl.Int64).alias("order"))
     return RawData(name="toy", events=events, items=empty_items())
+
+
+@settings(max_examples=150, deadline=None)
+# Few items and short histories, so that users and items sit near the thresholds (with k in
+# 0..4 and longer lists the generated cases found the old one-pass filter's bug ~half as often).
+@given(st.lists(st.lists(st.integers(0, 7), min_size=2, max_size=4, unique=True), min_size=3, max_size=12),
+       st.integers(1, 3))
+# k=2: the 2-core keeps user 1 (items 0, 1); dropping it as short leaves items 0 and 1 with one
+# user each; dropping those leaves users 0 and 2 with two items, which must go too.
+@example([[0, 2, 3], [0, 1], [1, 2, 3], [2, 3, 4], [2, 3, 4]], 2)
+def test_preprocess_filters_users_and_items_to_a_fixed_point(seqs, k):
+    """Every user keeps >= min_history (3) items and every item >= k users, together, and
+    nothing more is removed than that needs (the naive one-at-a-time reference)."""
+    expect = naive_k_core([(str(u), str(i)) for u, seq in enumerate(seqs) for i in seq], k, min_user=3)
+    if not expect:
+        with pytest.raises(ValueError, match="nothing is left"):
+            preprocess(_raw(seqs), PreprocessOptions(min_count=k))
+        return
+    tables = preprocess(_raw(seqs), PreprocessOptions(min_count=k))
+    raw_of = tables.items["raw_id"].to_list()
+    rows = [(u, raw_of[i]) for u, items in zip(tables.sequences["raw_user"], tables.sequences["items"])
+            for i in items]
+    assert tables.sequences["items"].list.len().min() >= 3
+    assert min(sum(1 for _, i in rows if i == item) for item in raw_of) >= k
+    assert set(rows) == expect
+    ds = SeqDataset.from_tables("toy", tables, max_history=5)  # leave-one-out works on every user
+    assert len(ds.eval_examples("test")) == len(ds.eval_examples("valid")) == ds.num_users
+    assert len(ds.train_examples()) == int((ds.lengths - 3).sum())
 
 
 @settings(max_examples=40, deadline=None)
