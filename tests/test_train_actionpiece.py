@@ -193,3 +193,13 @@ def test_beam_search_tokens_batched_and_consistent(seed):
     assert torch.allclose(teacher, out.scores, atol=1e-4)
     top1 = beam_search_tokens(model, ids, mask, beam_size=4, num_steps=1)
     assert torch.equal(top1.tokens[..., 0], first.topk(4, dim=-1).indices)
+
+
+def test_resume_refuses_another_run(setup, tmp_path):
+    from modules.training import ResumeMismatchError
+
+    out = tmp_path / "ap"
+    assert run(setup, out, "train_actionpiece.stop_after_steps = 10")["stopped_at_step"] == 10
+    with pytest.raises(ResumeMismatchError, match=r"train_actionpiece\.lr"):
+        run(setup, out, "train_actionpiece.lr = 0.01")
+    assert run(setup, out, "train_actionpiece.max_train_minutes = 20.0")["steps"] == 60  # may change
