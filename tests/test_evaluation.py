@@ -1,4 +1,7 @@
+import dataclasses
+import itertools
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -6,7 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modules.evaluation import MetricAccumulator, popularity_ranking, ranking_metrics
+from data.dataset import Examples
+from modules.beam_search import PrefixTrie
+from modules.evaluation import MetricAccumulator, evaluate_generative, popularity_ranking, ranking_metrics
+from modules.tokens import BOS, TokenLayout
 
 
 def naive_metrics(ranked, target, ks):
@@ -189,3 +195,253 @@ def test_popularity_bad_input():
         popularity_ranking(np.ones(5), 1, 2, exclude=np.array([5]))
     with pytest.raises(ValueError, match="k >= 1"):
         popularity_ranking(np.ones(5), 1, 0)
+
+
+# ---------------------------------------------------------------- evaluate_generative known answers
+# A mock recommender that knows, for each user (recognised by the history it is given), the
+# full order it prefers over every code sequence, and a catalogue where some sequences are no
+# item. Beam search over it returns exactly that order (see OracleModel), so each user's target
+# lands at a rank the test chooses and the metrics have closed-form values.
+
+# Different sizes per level: a token offset taken from the wrong level lands outside its range.
+EVAL_SIZES = (3, 2, 3)
+ALL_SEQS = list(itertools.product(*(range(s) for s in EVAL_SIZES)))  # 18 code sequences
+_perm = np.random.default_rng(7).permutation(len(ALL_SEQS))
+ITEM_SEQS = [ALL_SEQS[i] for i in _perm[:13]]  # item_id -> codes, not in sorted code order
+INVALID_SEQS = [ALL_SEQS[i] for i in _perm[13:]]  # 5 sequences that are no item
+EVAL_CODES = torch.tensor(ITEM_SEQS)
+N_EVAL_ITEMS = len(ITEM_SEQS)
+
+
+def gain(rank: int) -> float:
+    """NDCG of a hit at 0-based ``rank`` (one relevant item: ideal DCG = 1)."""
+    return 1.0 / math.log2(rank + 2)
+
+
+@dataclasses.dataclass
+class OracleState:
+    joint: torch.Tensor  # (n, *EVAL_SIZES) log p(code sequence) of each user
+    prefix: torch.Tensor  # (n, b, level) codes chosen so far by each beam
+    level: int  # the level the next step scores
+
+    def reorder(self, beam_idx: torch.Tensor) -> "OracleState":
+        idx = beam_idx[..., None].expand(-1, -1, self.prefix.shape[-1])
+        return dataclasses.replace(self, prefix=self.prefix.gather(1, idx))
+
+
+class OracleModel(torch.nn.Module):
+    """Decoding interface of modules/transformers/generation.py over a known distribution.
+
+    ``answers``: history (tuple of item_ids) -> (user id, order over all code sequences, best
+    first). The user's distribution is p(seq) proportional to exp(-rank of seq), and ``step``
+    returns its exact conditionals p(code_l | prefix), so a beam's score is log p(seq): any beam
+    search that keeps every prefix of the penultimate level (here 6 <= beam_size) returns the
+    order itself (constrained: with the non-items removed). The model reads only its inputs;
+    targets are never given to it, so a hit means the evaluator paired this history's ranking
+    with this history's target.
+    """
+
+    def __init__(self, layout: TokenLayout, answers: dict, use_user: bool):
+        super().__init__()
+        self.layout, self.answers, self.use_user = layout, answers, use_user
+        self.code_to_item = {seq: i for i, seq in enumerate(ITEM_SEQS)}
+        self.seen = []  # histories in the order the evaluator fed them
+
+    def _read_row(self, ids: torch.Tensor, mask: torch.Tensor):
+        tokens = ids[mask].tolist()
+        user_token = None
+        if tokens and tokens[0] >= self.layout.user_offset:
+            user_token, tokens = tokens[0], tokens[1:]
+        L = self.layout.num_levels
+        assert len(tokens) % L == 0, "history tokens are not whole items"
+        codes = self.layout.tokens_to_codes(torch.tensor(tokens).view(-1, L))
+        history = tuple(self.code_to_item[tuple(c)] for c in codes.tolist())
+        user, order = self.answers[history]
+        if self.use_user:
+            assert user_token == int(self.layout.user_tokens(torch.tensor(user))), "wrong user token"
+        else:
+            assert user_token is None, "user token without use_user"
+        return history, order
+
+    def start_decoding(self, input_ids, attention_mask):
+        joint = torch.empty((input_ids.shape[0], len(ALL_SEQS)))
+        for row in range(input_ids.shape[0]):
+            history, order = self._read_row(input_ids[row], attention_mask[row])
+            self.seen.append(history)
+            score = torch.empty(len(ALL_SEQS))
+            for rank, seq in enumerate(order):
+                score[ALL_SEQS.index(seq)] = -float(rank)
+            joint[row] = score.log_softmax(0)
+        joint = joint.view(-1, *EVAL_SIZES)  # ALL_SEQS is in row-major (product) order
+        return OracleState(joint, torch.zeros((len(joint), 1, 0), dtype=torch.long), 0)
+
+    def step(self, state: OracleState, tokens: torch.Tensor):
+        n, b = tokens.shape
+        level, prefix = state.level, state.prefix
+        if level == 0:
+            assert (tokens == BOS).all(), "first step must be fed BOS"
+        else:
+            codes = tokens - self.layout.offsets[level - 1]
+            assert ((codes >= 0) & (codes < EVAL_SIZES[level - 1])).all(), "fed a token of another level"
+            prefix = torch.cat([prefix, codes[..., None]], dim=-1)
+        assert prefix.shape == (n, b, level)
+        # log p(prefix, code_l) = logsumexp of the joint over the levels after l.
+        marg = state.joint
+        for _ in range(len(EVAL_SIZES) - 1 - level):
+            marg = marg.logsumexp(-1)
+        marg = marg.reshape(n, -1, EVAL_SIZES[level])  # (n, prefixes of length level, codes)
+        flat = torch.zeros((n, b), dtype=torch.long)
+        for l in range(level):
+            flat = flat * EVAL_SIZES[l] + prefix[..., l]
+        rows = marg.gather(1, flat[..., None].expand(-1, -1, EVAL_SIZES[level]))
+        cond = rows - rows.logsumexp(-1, keepdim=True)
+        out = torch.full((n, b, self.layout.output_vocab_size), float("-inf"))
+        off = self.layout.offsets[level]
+        out[..., off: off + EVAL_SIZES[level]] = cond
+        return out, OracleState(state.joint, prefix, level + 1)
+
+
+def make_order(rng, target: int, pattern: str) -> list:
+    """An order over all code sequences: ``pattern`` spells its start ('T' the target, 'v'
+    another item, 'I' a sequence that is no item); then the other items, then the non-items,
+    then the target if the pattern has no 'T' (last of 18: outside every top 10)."""
+    others = [ITEM_SEQS[i] for i in rng.permutation(N_EVAL_ITEMS) if i != target]
+    invalid = [INVALID_SEQS[i] for i in rng.permutation(len(INVALID_SEQS))]
+    order = []
+    for ch in pattern:
+        order.append({"T": lambda: ITEM_SEQS[target], "v": others.pop, "I": invalid.pop}[ch]())
+    order += others + invalid + ([] if "T" in pattern else [ITEM_SEQS[target]])
+    assert sorted(order) == sorted(ALL_SEQS)
+    return order
+
+
+def make_users(patterns: list[str], targets: list[int], seed: int = 0):
+    """Examples with one distinct history per user, and the oracle's answers for them."""
+    rng = np.random.default_rng(seed)
+    histories, answers = [], {}
+    for u, (pattern, target) in enumerate(zip(patterns, targets)):
+        while True:  # distinct histories: they are how the oracle tells users apart
+            length = int(rng.integers(1, 5))
+            h = tuple(int(i) for i in rng.choice(N_EVAL_ITEMS, length, replace=False))
+            if h not in answers:
+                break
+        answers[h] = (1000 + 3 * u, make_order(rng, target, pattern))
+        histories.append(h)
+    history = np.full((len(patterns), 4), -1, dtype=np.int64)
+    for u, h in enumerate(histories):
+        history[u, : len(h)] = h
+    user = np.array([answers[h][0] for h in histories], dtype=np.int64)
+    return Examples(user, history, np.array(targets, dtype=np.int64)), answers
+
+
+def run_eval(examples, answers, batch_size, use_user=False, unconstrained=False, ks=(1, 5, 10)):
+    layout = TokenLayout(EVAL_SIZES, num_user_buckets=7 if use_user else 0)
+    model = OracleModel(layout, answers, use_user)
+    model.train()
+    out = evaluate_generative(model, examples, EVAL_CODES, layout, PrefixTrie(EVAL_CODES, EVAL_SIZES),
+                              beam_size=10, top_k=10, batch_size=batch_size, use_user=use_user, ks=ks,
+                              unconstrained=unconstrained)
+    assert model.training, "evaluate_generative must restore training mode"
+    # Every user decoded exactly once (no dropped or repeated batch).
+    assert Counter(model.seen) == Counter(tuple(int(i) for i in h if i >= 0) for h in examples.history)
+    return out
+
+
+# Ranks of each user's target among the valid items, 0-based; "" never ranks it (last).
+RANK_PATTERNS = [
+    "T",  # 0
+    "vvvvT",  # 4: last position inside @5
+    "vvvvvT",  # 5: first position outside @5
+    "v" * 9 + "T",  # 9: last position inside @10
+    "v" * 10 + "T",  # 10: first position outside @10
+    "",  # never
+    "vT",  # 1
+    "T",  # 0
+    "vvvT",  # 3
+    "T",  # 0: the last user, alone in the last batch when batch_size = 3
+]
+RANK_TARGETS = [4, 11, 0, 7, 2, 9, 12, 1, 5, 8]  # all different: a misaligned target misses
+
+
+@pytest.mark.parametrize("use_user", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 10, 64])
+def test_evaluate_generative_known_ranks(batch_size, use_user):
+    examples, answers = make_users(RANK_PATTERNS, RANK_TARGETS)
+    m = run_eval(examples, answers, batch_size, use_user=use_user)
+    at5 = 3 * gain(0) + gain(4) + gain(1) + gain(3)
+    expected = {
+        "recall@1": 3 / 10,
+        "ndcg@1": 3 / 10,
+        "recall@5": 6 / 10,
+        "ndcg@5": at5 / 10,
+        "recall@10": 8 / 10,
+        "ndcg@10": (at5 + gain(5) + gain(9)) / 10,
+    }
+    assert {k: m[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+    assert m["ndcg@5"] == pytest.approx((3 + 1 / math.log2(6) + 1 / math.log2(3) + 1 / math.log2(5)) / 10)
+    assert m["users"] == 10 and "invalid_rate" not in m
+
+
+def test_evaluate_generative_rank_histogram():
+    """Recall@k for every k = 1..11 pins each user's rank, not just the sums."""
+    examples, answers = make_users(RANK_PATTERNS, RANK_TARGETS)
+    m = run_eval(examples, answers, batch_size=3, ks=tuple(range(1, 11)))
+    ranks = [0, 4, 5, 9, 1, 0, 3, 0]  # the hits; users 4 and 5 miss
+    for k in range(1, 11):
+        assert m[f"recall@{k}"] == pytest.approx(sum(r < k for r in ranks) / 10, abs=1e-12), k
+        assert m[f"ndcg@{k}"] == pytest.approx(sum(gain(r) for r in ranks if r < k) / 10, abs=1e-12), k
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 7, 23, 100])
+def test_evaluate_generative_pairs_each_user_with_its_target(batch_size):
+    """Every user's ranking starts with its own target and neighbours' targets differ, so any
+    shift between the histories and the targets of a batch (or across batches), or a lost last
+    partial batch (23 users: 5 + 5 + 5 + 5 + 3), moves Recall@1 off 1."""
+    n = 23
+    targets = [(5 * u) % N_EVAL_ITEMS for u in range(n)]  # 0, 5, 10, 2, 7, ...: neighbours differ
+    examples, answers = make_users(["T"] * n, targets, seed=1)
+    m = run_eval(examples, answers, batch_size, use_user=True)
+    assert m["recall@1"] == 1.0 and m["ndcg@10"] == pytest.approx(1.0, abs=1e-12) and m["users"] == n
+    # The same users with targets rotated by one: each ranking now meets a neighbour's target,
+    # which is in it but never first (the shifted pairing the assertions above rule out).
+    rolled = Examples(examples.user, examples.history, np.roll(examples.target, 1))
+    m = run_eval(rolled, answers, batch_size, use_user=True)
+    assert m["recall@1"] == 0.0 and m["users"] == n
+
+
+# Patterns with sequences that are no item ('I'): constrained search skips them, unconstrained
+# search returns them as misses (-1) that still take a position.
+FREE_PATTERNS = [
+    "IT",  # constrained rank 0; unconstrained rank 1, 1 invalid in its top 10
+    "T",  # 0; 0; 0 invalid
+    "IIIIIT",  # 0; 5; 5 invalid
+    "vIvIvIvvvT",  # 6; 9; 3 invalid
+    "vvvvvvvvvIT",  # 9; 10 (miss); 1 invalid (position 9)
+    "",  # miss; miss; 0 invalid (the other items come first)
+    "IIvT",  # 1; 3; 2 invalid -- the last user, alone in the last batch of 3
+]
+FREE_TARGETS = [3, 10, 6, 0, 12, 2, 9]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+def test_evaluate_generative_constrained_vs_unconstrained(batch_size):
+    examples, answers = make_users(FREE_PATTERNS, FREE_TARGETS, seed=2)
+    constrained = run_eval(examples, answers, batch_size)
+    c5 = 3 * gain(0) + gain(1)
+    assert {k: constrained[k] for k in ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")} == pytest.approx({
+        "recall@1": 3 / 7, "recall@5": 4 / 7, "recall@10": 6 / 7,
+        "ndcg@5": c5 / 7, "ndcg@10": (c5 + gain(6) + gain(9)) / 7,
+    }, abs=1e-12)
+    assert "invalid_rate" not in constrained
+
+    free = run_eval(examples, answers, batch_size, unconstrained=True)
+    f5 = gain(1) + gain(0) + gain(3)
+    assert {k: free[k] for k in ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")} == pytest.approx({
+        "recall@1": 1 / 7, "recall@5": 3 / 7, "recall@10": 5 / 7,
+        "ndcg@5": f5 / 7, "ndcg@10": (f5 + gain(5) + gain(9)) / 7,
+    }, abs=1e-12)
+    # Invalid beams among all 7 x 10 returned: a per-user mean, not a mean of batch means
+    # (batch_size 3: 6/30, 4/30, 2/10 -> 12/70, where the mean of the three would be 0.178).
+    # beam_search takes each batch's rate in float32, hence 1e-6.
+    assert free["invalid_rate"] == pytest.approx(12 / 70, abs=1e-6)
+    assert free["users"] == 7
