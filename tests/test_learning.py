@@ -13,12 +13,11 @@ added this file; the thresholds sit well below the worst of them and well above 
 model (``test_untrained_model_does_not_pass``).
 """
 
-import gin
 import pytest
 
 import train_decoder
 import train_rqvae
-from tests.fixtures import dataset_bindings, write_p5_dataset
+from tests.fixtures import dataset_bindings, run_script, write_p5_dataset
 
 # 400 steps of batch 64 = ~35 epochs of the fixture's 737 training windows: ~10-20 s per
 # model on one CPU core; at 300 steps the worst seed was already 3x popularity.
@@ -33,33 +32,19 @@ MIN_RATIO = 3.0
 MIN_GAP = 0.2
 
 
-def gin_args(config, bindings):
-    args = [config]
-    for b in bindings:
-        args += ["--gin", b]
-    return args
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The fixture dataset and its tiny-recipe tokenizer (trained once for this module)."""
     root = tmp_path_factory.mktemp("learn")
     data = write_p5_dataset(root / "data")
     base = dataset_bindings(data, root / "cache")
-    gin.clear_config()
-    try:
-        rq = train_rqvae.main(gin_args("configs/tiny/rqvae_tiny.gin",
-                                       base + [f"train_rqvae.out_dir = '{root / 'rq'}'"]))
-    finally:
-        gin.clear_config()
+    rq = run_script(train_rqvae.main, "configs/tiny/rqvae_tiny.gin", base + [f"train_rqvae.out_dir = '{root / 'rq'}'"])
     return root, base, rq
 
 
 def train(tiny, out, *extra):
     root, base, _ = tiny
-    gin.clear_config()
-    try:
-        return train_decoder.main(gin_args("configs/tiny/decoder_tiny.gin", base + [
+    return run_script(train_decoder.main, "configs/tiny/decoder_tiny.gin", base + [
             f"train_decoder.tokenizer = '{root / 'rq'}'",
             f"train_decoder.out_dir = '{out}'",
             f"train_decoder.max_steps = {LEARN_STEPS}",
@@ -68,9 +53,7 @@ def train(tiny, out, *extra):
             # 'auto' picks bf16 or fp32 by timing both on the machine at hand: the figures
             # behind the thresholds must not depend on the machine.
             "train_decoder.precision = 'fp32'",
-            *extra]))
-    finally:
-        gin.clear_config()
+            *extra])
 
 
 def margin(res) -> tuple[float, float, str]:

@@ -2,28 +2,17 @@
 before anything is saved from it, and precision "auto" follows a measurement, not a CPU flag."""
 
 import json
-import math
 
-import gin
-import numpy as np
 import pytest
 import torch
 
 import train_decoder
 import train_rqvae
-from modules import training
 from modules.training import (
     NonFiniteLossError, ResumeMismatchError, autocast_dtype, config_bindings, load_best, make_optimizer, train_loop,
     warmup_cosine,
 )
-from tests.fixtures import dataset_bindings, write_p5_dataset
-
-
-def gin_args(config, bindings):
-    args = [config]
-    for b in bindings:
-        args += ["--gin", b]
-    return args
+from tests.fixtures import dataset_bindings, run_script, write_p5_dataset
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +25,14 @@ def setup(tmp_path_factory):
 
 def rqvae(setup, out, *extra):
     root, base = setup
-    gin.clear_config()
-    try:
-        return train_rqvae.main(gin_args("configs/tiny/rqvae_tiny.gin", base + [f"train_rqvae.out_dir = '{out}'",
-                                                                              *extra]))
-    finally:
-        gin.clear_config()
+    return run_script(train_rqvae.main, "configs/tiny/rqvae_tiny.gin", base + [f"train_rqvae.out_dir = '{out}'", *extra])
 
 
 def decoder(setup, out, tokenizer, *extra):
     root, base = setup
-    gin.clear_config()
-    try:
-        return train_decoder.main(gin_args("configs/tiny/decoder_tiny.gin", base + [
-            f"train_decoder.tokenizer = '{tokenizer}'", f"train_decoder.out_dir = '{out}'",
-            "train_decoder.precision = 'fp32'", *extra]))
-    finally:
-        gin.clear_config()
+    return run_script(train_decoder.main, "configs/tiny/decoder_tiny.gin", base + [
+        f"train_decoder.tokenizer = '{tokenizer}'", f"train_decoder.out_dir = '{out}'",
+        "train_decoder.precision = 'fp32'", *extra])
 
 
 def test_config_bindings_parses_gin_text():

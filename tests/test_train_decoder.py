@@ -8,14 +8,7 @@ import torch
 
 import train_decoder
 import train_rqvae
-from tests.fixtures import dataset_bindings, write_p5_dataset
-
-
-def gin_args(config, bindings):
-    args = [config]
-    for b in bindings:
-        args += ["--gin", b]
-    return args
+from tests.fixtures import dataset_bindings, run_script, write_p5_dataset
 
 
 @pytest.fixture(scope="module")
@@ -23,20 +16,14 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dec")
     data = write_p5_dataset(root / "data")
     base = dataset_bindings(data, root / "cache")
-    gin.clear_config()
-    train_rqvae.main(gin_args("configs/tiny/rqvae_tiny.gin", base + [f"train_rqvae.out_dir = '{root / 'rq'}'"]))
-    gin.clear_config()
+    run_script(train_rqvae.main, "configs/tiny/rqvae_tiny.gin", base + [f"train_rqvae.out_dir = '{root / 'rq'}'"])
     return root, base
 
 
 def run(setup, out, *extra, tokenizer=None):
     root, base = setup
-    gin.clear_config()
-    try:
-        return train_decoder.main(gin_args("configs/tiny/decoder_tiny.gin", base + [
-            f"train_decoder.tokenizer = '{tokenizer or root / 'rq'}'", f"train_decoder.out_dir = '{out}'", *extra]))
-    finally:
-        gin.clear_config()
+    return run_script(train_decoder.main, "configs/tiny/decoder_tiny.gin", base + [
+        f"train_decoder.tokenizer = '{tokenizer or root / 'rq'}'", f"train_decoder.out_dir = '{out}'", *extra])
 
 
 def test_decoder_end_to_end_and_exact_resume(setup, tmp_path):
@@ -82,9 +69,8 @@ def test_missing_and_mismatched_tokenizer(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer not found"):
         run(setup, tmp_path / "x", tokenizer=str(tmp_path / "nope"))
     other = write_p5_dataset(tmp_path / "other", num_items=40, seed=1)
-    gin.clear_config()
-    train_rqvae.main(gin_args("configs/tiny/rqvae_tiny.gin", dataset_bindings(other, tmp_path / "c2") + [
-        f"train_rqvae.out_dir = '{tmp_path / 'rq2'}'"]))
+    run_script(train_rqvae.main, "configs/tiny/rqvae_tiny.gin", dataset_bindings(other, tmp_path / "c2") + [
+        f"train_rqvae.out_dir = '{tmp_path / 'rq2'}'"])
     with pytest.raises(ValueError, match="40 items"):
         run(setup, tmp_path / "y", tokenizer=str(tmp_path / "rq2"))
 
