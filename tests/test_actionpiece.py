@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 
 from modules.actionpiece import features as F
 from modules.actionpiece import segment
+from modules.actionpiece.official_port import OfficialReappearError, official_merges
 from modules.actionpiece.reference import RefSequence, apply_merge, count_sequence, normalize, reference_merges
 from modules.actionpiece.tokenizer import ActionPieceTokenizer
-from modules.actionpiece.vocab import learn_merges, weight_scale
+from modules.actionpiece.vocab import _pyset_copy_order, learn_merges, weight_scale
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -37,6 +38,10 @@ def assert_same_as_reference(items, seqs, n_init, n_merges, mode, **kw):
     fast = learn_merges(items, seqs, n_init, n_merges, mode=mode, progress=False, **kw)
     ref_pairs, ref_counts = reference_merges([[tuple(items[i]) for i in s] for s in seqs], n_init, n_merges, mode)
     assert [tuple(map(int, p)) for p in fast.pairs] == ref_pairs
+    if mode == "faithful":
+        # The faithful reference is the official port: its float priorities, bit for bit.
+        assert fast.priorities.tolist() == ref_counts
+        return fast
     # Exact: the integer-scaled counts are the reference fractions times the scale.
     assert [Fraction(int(c), fast.scale) for c in fast.counts] == ref_counts
     assert np.allclose(fast.priorities, [float(c) for c in ref_counts], rtol=0, atol=1e-9)
@@ -150,6 +155,132 @@ def test_bad_input():
         learn_merges(np.array([[1, 1]]), [[0]], 3, 1)
     with pytest.raises(ValueError, match="outside"):
         learn_merges(np.array([[1, 2]]), [[1]], 3, 1)
+
+
+# ----------------------------------------------------------------------------- faithful = official
+def assert_faithful_is_official(items, seqs, n_init, n_merges, **kw):
+    """learn_merges(mode='faithful') against the plain port of the official code: same rules,
+    same float priorities (bit for bit), same phantoms and failed-assert counts."""
+    fast = learn_merges(items, seqs, n_init, n_merges, mode="faithful", progress=False, **kw)
+    port = official_merges([[tuple(int(t) for t in items[i] if t >= 0) for i in s] for s in seqs],
+                           n_init, n_merges)
+    assert [tuple(map(int, p)) for p in fast.pairs] == port.pairs
+    assert fast.priorities.tolist() == port.priorities
+    assert fast.phantom.tolist() == port.phantom
+    assert int(fast.reappearances.sum()) == len(port.reappearances)
+    return fast, port
+
+
+def test_pyset_copy_order_is_cpythons():
+    # The faithful kernel walks the official inverted index (a Python set of sequence ids,
+    # only ever added to) in the iteration order of its copy; float sums depend on it.
+    rng = random.Random(0)
+    tab, tmp, out = (np.zeros(1 << 17, dtype=np.int64) for _ in range(3))  # > 4 * 30000
+    for trial in range(60):
+        n = rng.choice([1, 2, 4, 5, 6, 9, 20, 100, 1000, 30000]) if trial < 50 else rng.randint(1, 3000)
+        population = max(n, rng.choice([2 * n, 25000, 10**6]))
+        keys = rng.sample(range(population), n) if trial % 3 else sorted(rng.sample(range(5 * n), n))
+        s = set()
+        for k in keys:
+            s.add(k)
+        newest_first = np.array(keys[::-1], dtype=np.int64)
+        m = _pyset_copy_order(newest_first, n, tab, tmp, out)
+        assert out[:m].tolist() == list(s.copy())
+
+
+def test_faithful_float_tie_known_answer():
+    # One sequence {1, 3, 5} {2, 4, 5}. The first merge (1, 5) leaves (3, 5) only across the
+    # gap: exact count 1/6, but the official total is 7/9 + (1/6 - 7/9) in floats,
+    # 0.16666666666666663, so (3, 5) comes after every pair at a true 1/6 (the
+    # exact-arithmetic order would put it before (4, 7) and (5, 7)).
+    items = np.array([[1, 3, 5], [2, 4, 5]])
+    fast, port = assert_faithful_is_official(items, [[0, 1]], 7, 100)
+    pairs = [tuple(map(int, p)) for p in fast.pairs]
+    assert pairs[12:18] == [(2, 3), (2, 7), (3, 4), (4, 7), (5, 7), (3, 5)]
+    assert fast.priorities[12:18].tolist() == [1 / 6] * 5 + [7 / 9 + (1 / 6 - 7 / 9)]
+    assert fast.priorities[17] == 0.16666666666666663 < 1 / 6
+
+
+@pytest.mark.parametrize("case", ["self_pairs", "mirrored", "shared_values", "long"])
+def test_faithful_matches_official_port_hand_made(case):
+    # Corpora built for ties: identical items (pairs (t, t) across a gap), items sharing
+    # most values (one pair met in both orientations across a gap: w + w), many users
+    # with the same few items (equal counts everywhere).
+    if case == "self_pairs":
+        items, seqs = np.array([[1, 2, 3]]), [[0] * 7, [0, 0], [0]]
+        n_init = 4
+    elif case == "mirrored":
+        items, seqs = np.array([[1, 2], [2, 1], [1, 3]]), [[0, 1, 0, 2], [1, 0], [2, 1, 0, 1]]
+        n_init = 4
+    elif case == "shared_values":
+        items = np.array([[1, 3, 5], [1, 3, 6], [2, 3, 5], [1, 4, 6]])
+        seqs = [[0, 1], [1, 0], [2, 3, 0], [3, 2, 1, 0], [0, 1, 2, 3]] * 3
+        n_init = 7
+    else:
+        items = np.array([[1, 3, 5, 7], [2, 4, 6, 8], [1, 4, 5, 8], [2, 3, 6, 7]])
+        seqs = [[i % 4 for i in range(j, j + 25)] for j in range(6)]
+        n_init = 9
+    for cap in (2, 1 << 16):
+        assert_faithful_is_official(items, seqs, n_init, 400, initial_capacity=cap)
+
+
+def test_faithful_matches_official_port_random_ties():
+    # Few values per category and many short sequences: ties, stale totals that come back
+    # within 1e-12, phantom merges, pairs that re-appear (the official assertion).
+    n_phantom = n_revalid = 0
+    for seed in range(60):
+        items, seqs, n_init = random_corpus(seed, max_items=8, max_seqs=30, max_len=8, max_vals=3)
+        fast, port = assert_faithful_is_official(items, seqs, n_init, 300,
+                                                 initial_capacity=2 if seed % 2 else 1 << 16)
+        n_phantom += sum(port.phantom)
+        n_revalid += len(port.pairs) - len(set(port.pairs))  # a pair merged twice
+    assert n_phantom > 0 and n_revalid > 0
+
+
+def test_faithful_reappearing_pair_like_official_under_O():
+    # Search a corpus where a pair vanishes from a sequence and comes back: the official
+    # code's `assert head_id not in pair2head_ids[pair]` fails there (strict=True), under
+    # -O it goes on with the set unchanged, which is what faithful mode reproduces.
+    for seed in range(400):
+        items, seqs, n_init = random_corpus(seed, max_items=8, max_seqs=30, max_len=8, max_vals=3)
+        corpus = [[tuple(items[i]) for i in s] for s in seqs]
+        port = official_merges(corpus, n_init, 300)
+        if port.reappearances:
+            break
+    else:
+        pytest.fail("no corpus with a re-appearing pair")
+    n_at = port.reappearances[0][0]
+    with pytest.raises(OfficialReappearError):
+        official_merges(corpus, n_init, 300, strict=True)
+    assert official_merges(corpus, n_init, n_at, strict=True).pairs == port.pairs[:n_at]
+    fast, _ = assert_faithful_is_official(items, seqs, n_init, 300)
+    assert fast.reappearances[n_at] > 0 and not fast.reappearances[:n_at].any()
+
+
+def test_faithful_matches_official_port_on_beauty(shared_data):
+    # Real sequences (the first 1,000 Beauty train sequences) with the feature shapes of
+    # the paper (random 4 x 256 codes + 64 hash buckets): the tokenizer's token2feat and
+    # priority, as the official code would store them.
+    import gzip
+
+    path = shared_data / "amazon2014/beauty/sequential_data.txt.gz"
+    if not path.exists():
+        pytest.skip(f"{path} missing")
+    with gzip.open(path, "rt") as f:
+        users = [[int(x) - 1 for x in line.split()[1:]] for line in f]
+    n_items = max(max(u) for u in users) + 1
+    train = [u[:-2] for u in users if len(u) > 2][:1000]
+    feats = F.random_item_features(n_items, n_codebooks=4, codebook_size=256, n_hash_buckets=64, seed=12345)
+    n_merges = 150
+    token2feat, n_init = ActionPieceTokenizer.initial_vocab(feats)
+    tok = ActionPieceTokenizer.train(feats, train, n_init + n_merges, mode="faithful", progress=False)
+    items = ActionPieceTokenizer._feature_tokens(token2feat, feats)
+    port = official_merges([[tuple(items[i].tolist()) for i in s] for s in train], n_init, n_merges)
+    official_token2feat = token2feat + [(-1, u, v) for u, v in port.pairs]
+    official_priority = [0.0] * n_init + port.priorities
+    assert tok.token2feat == official_token2feat
+    assert tok.priority == official_priority
+    assert sum(port.phantom) > 0  # the stale counts are at work within these merges
 
 
 # ----------------------------------------------------------------------------- segmentation

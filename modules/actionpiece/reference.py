@@ -16,17 +16,17 @@ Two modes:
     the next merge is the argmax over the current exact global counts (pairs with a
     positive count only).
 ``faithful``
-    reproduces the official code's stale-count quirk: a lazy heap of ``(-count, pair)``
-    entries, per-sequence diffs taken only over the keys of the *new* per-sequence counts
-    (pairs that vanish from a sequence are never subtracted), and heap pushes only for
-    pairs whose aggregated diff is non-zero.
+    the official code's vocabulary, stale counts, float sums and all: delegated to
+    :mod:`modules.actionpiece.official_port` (an exact-arithmetic imitation of the quirk
+    breaks ties differently from the official code, see that module).
 """
 
 from __future__ import annotations
 
-import heapq
 from fractions import Fraction
 from typing import Iterable, Sequence
+
+from modules.actionpiece.official_port import official_merges
 
 Pair = tuple[int, int]
 
@@ -147,8 +147,9 @@ def reference_merges(
     n_init_tokens: int,
     n_merges: int,
     mode: str = "correct",
-) -> tuple[list[Pair], list[Fraction]]:
-    """Learn up to ``n_merges`` rules; returns ``(pairs, exact counts at merge time)``.
+) -> tuple[list[Pair], list[Fraction] | list[float]]:
+    """Learn up to ``n_merges`` rules; returns ``(pairs, counts at merge time)``: exact
+    fractions in correct mode, the official float priorities in faithful mode.
 
     ``sequences[h][k]`` is the tuple of initial token ids of the k-th item of sequence h;
     merged tokens get ids ``n_init_tokens, n_init_tokens + 1, ...``. Stops early when no
@@ -156,47 +157,21 @@ def reference_merges(
     """
     if mode not in ("correct", "faithful"):
         raise ValueError(f"mode must be 'correct' or 'faithful', got {mode!r}")
+    if mode == "faithful":
+        res = official_merges(sequences, n_init_tokens, n_merges)
+        return res.pairs, res.priorities
     seqs = [RefSequence(s) for s in sequences]
     pairs: list[Pair] = []
     counts: list[Fraction] = []
-    if mode == "correct":
-        while len(pairs) < n_merges:
-            total = _total(count_sequence(s) for s in seqs)
-            live = [(c, p) for p, c in total.items() if c > 0]
-            if not live:
-                break
-            c, p = min(live, key=lambda cp: (-cp[0], cp[1]))
-            w = n_init_tokens + len(pairs)
-            pairs.append(p)
-            counts.append(c)
-            for s in seqs:
-                apply_merge(s, p[0], p[1], w)
-        return pairs, counts
-
-    seq_cnt = [count_sequence(s) for s in seqs]
-    total = _total(seq_cnt)
-    heap = [(-c, p) for p, c in total.items()]
-    heapq.heapify(heap)
     while len(pairs) < n_merges:
-        while heap:
-            negc, p = heapq.heappop(heap)
-            if -negc > 0 and total[p] == -negc:
-                break
-        else:
+        total = _total(count_sequence(s) for s in seqs)
+        live = [(c, p) for p, c in total.items() if c > 0]
+        if not live:
             break
+        c, p = min(live, key=lambda cp: (-cp[0], cp[1]))
         w = n_init_tokens + len(pairs)
         pairs.append(p)
-        counts.append(-negc)
-        diff: dict[Pair, Fraction] = {}
-        for h, s in enumerate(seqs):
+        counts.append(c)
+        for s in seqs:
             apply_merge(s, p[0], p[1], w)
-            new = count_sequence(s)
-            old = seq_cnt[h]
-            for k, c in new.items():  # the quirk: only keys of the new counts
-                diff[k] = diff.get(k, Fraction(0)) + c - old.get(k, Fraction(0))
-            seq_cnt[h] = new
-        for k, d in diff.items():
-            if d != 0:
-                total[k] = total.get(k, Fraction(0)) + d
-                heapq.heappush(heap, (-total[k], k))
     return pairs, counts

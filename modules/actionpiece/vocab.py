@@ -1,7 +1,7 @@
 """Fast ActionPiece vocabulary construction (spec sections 4-7 of
 ``shared/design/actionpiece.md``).
 
-What makes it fast compared with the official code (1 h, 2.2 GB on Beauty):
+What makes ``correct`` mode fast compared with the official code (1 h, 2.2 GB on Beauty):
 
 * **Exact integer counts.** Every weight is ``2/M`` (inside an action of M tokens) or
   ``1/(|A||B|)`` (across a gap, a context slot counting as size 1) with ``M, |A|, |B| <= K``
@@ -14,20 +14,28 @@ What makes it fast compared with the official code (1 h, 2.2 GB on Beauty):
   is an action node (its inside pairs) or a context slot (the pairs across its gap). Before
   a node changes, the regions depending on it are subtracted; after the merge and the
   empty-node normalisation they are added back. A (sequence, pair) -> count hash map tells
-  when a pair appears in or vanishes from a sequence (inverted index upkeep; faithful mode).
+  when a pair appears in or vanishes from a sequence (inverted index upkeep).
 * **Lazy max-heap** of ``(count, pair)`` with validity check against the current total.
 * **numba** compiles the kernel (see ``_jit.py``); state lives in flat numpy arrays
   (linked list of nodes, open-addressing hash tables, heap) that Python grows when the
   kernel asks for room, so the kernel never has to reallocate.
 
-Modes: ``correct`` subtracts pairs that vanish from a sequence; ``faithful`` reproduces the
-official stale-count quirk (a sequence's diff is taken only over the pairs still present in
-it, so vanished pairs keep their count and may later be merged as "phantom" tokens). Both
-decide ties exactly; the official code compares float sums (1e-12 tolerance), so where two
-counts are equal in exact arithmetic but not in its floats its order can differ from ours.
+Modes: ``correct`` subtracts pairs that vanish from a sequence (the algorithm as meant).
+``faithful`` gives the official code's vocabulary merge for merge, ``token2feat`` and
+``priority`` bit for bit (its oracle is :mod:`modules.actionpiece.official_port`, whose
+docstring lists the behaviours involved): the stale-count quirk (a sequence's diff is taken
+only over the pairs still present in it, so vanished pairs keep their count and may later
+be merged as "phantom" tokens), float counts summed in the official order (ties between
+pairs equal in exact arithmetic are decided by rounding), the never-shrinking inverted index
+walked in CPython's set order, the 1e-12 heap tolerance. It runs a separate kernel (see the
+"faithful mode" section) that does the official work per merge minus the sequences a merge
+leaves unchanged and minus re-summing pairs it did not touch. An exact-arithmetic imitation
+of the quirk (this module before) departs from the official vocabulary within the first
+hundred merges on Beauty.
 
-Beauty train split, 40k vocabulary, 2 shared cores: ~12-27 s and ~0.6-1 GB peak RSS
-(``bench/bench_actionpiece.py``), against about an hour and 2.2 GB for the official code.
+Beauty train split, 40k vocabulary, 2 shared cores: correct mode ~12-37 s and ~0.6-1 GB peak
+RSS (``bench/bench_actionpiece.py``), against about an hour and 2.2 GB for the official code;
+faithful mode: see ``bench/compare_actionpiece_official.py``.
 """
 
 from __future__ import annotations
@@ -53,11 +61,14 @@ N_PCOL = 7
 # Slots of the `meta` scalar array shared between Python and the kernel.
 (M_NPIDS, M_SPCOUNT, M_OCCUSED, M_HEAPSIZE, M_PHASE, M_LI, M_LLEN, M_GTLLEN, M_CURPID,
  M_CURW, M_MSTAMP, M_SSTAMP, M_NDONE, M_NEED, M_MODE, M_SCALE, M_NINIT, M_DLEN, M_STLLEN,
- M_BUILD, M_K, M_NFREE) = range(22)
-N_META = 22
+ M_BUILD, M_K, M_NFREE, M_AFFN) = range(23)
+N_META = 23
 # Kernel return codes and "need room" flags.
 ST_OK, ST_EXHAUSTED, ST_GROW = 0, 1, 2
 NEED_PAIRS, NEED_SP, NEED_OCC, NEED_HEAP, NEED_PTAB = 1, 2, 4, 8, 16
+# What marking a region dirty does: subtract its integer counts (correct mode) or note its
+# pairs for a float re-sum (faithful mode).
+TRACK_COUNTS, TRACK_PAIRS = 1, 2
 # Open-addressing tables grow past these load factors (linear probing degrades beyond).
 MAX_LOAD_SP, MAX_LOAD_PTAB = 0.7, 0.6
 
@@ -348,31 +359,132 @@ def _add_region(r, sign, ntok, ninfo, ptk, ptv, P, free, stl, meta):
 
 
 @njit
-def _mark(r, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta):
-    """First change to region r in this sequence update: subtract its old pairs."""
+def _mark(r, track, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta, aff, affv, tmark):
+    """First change to region r in this sequence update: subtract its old pairs (track ==
+    TRACK_COUNTS) or note them as affected (TRACK_PAIRS, faithful mode)."""
     if ninfo[r, NI_DSTAMP] != meta[M_SSTAMP]:
         ninfo[r, NI_DSTAMP] = meta[M_SSTAMP]
         dlist[meta[M_DLEN]] = r
         meta[M_DLEN] += 1
-        _add_region(r, -1, ntok, ninfo, ptk, ptv, P, free, stl, meta)
+        if track == TRACK_COUNTS:
+            _add_region(r, -1, ntok, ninfo, ptk, ptv, P, free, stl, meta)
+        else:
+            _note_region(r, ntok, ninfo, meta, aff, affv, tmark)
 
 
 @njit
-def _touch(x, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta):
+def _touch(track, x, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta, aff, affv, tmark):
     """Call before node x changes (content or links): every region reading x goes dirty."""
-    _mark(x, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta)
+    _mark(x, track, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta, aff, affv, tmark)
     if ninfo[x, NI_KIND] == ACTION:
         p = ninfo[x, NI_PREV]
         if p != -1:
-            _mark(p, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta)
+            _mark(p, track, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta, aff, affv, tmark)
         n = ninfo[x, NI_NEXT]
         if n != -1:
-            _mark(n, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta)
+            _mark(n, track, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta, aff, affv, tmark)
+
+
+@njit
+def _apply_rule(h, u, v, w, track, ntok, ninfo, sinfo, ptk, ptv, P, free, stl, dlist, stack, meta,
+                aff, affv, tmark):
+    """Apply merge {u, v} -> w to sequence h in place (spec section 7); every region is
+    marked dirty (see `_mark`) before it changes. Returns whether the sequence changed."""
+    changed = False
+    nst = 0
+    # The left-to-right merge walk of spec section 7.
+    A = sinfo[h, SI_HEAD]
+    while A != -1:
+        if u != v:
+            iu = _find(ntok, ninfo, A, u)
+            if iu >= 0 and _find(ntok, ninfo, A, v) >= 0:
+                _touch(track, A, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta, aff, affv, tmark)
+                changed = True
+                _remove_at(ntok, ninfo, A, iu)
+                _remove_at(ntok, ninfo, A, _find(ntok, ninfo, A, v))
+                _insert_front(ntok, ninfo, A, w)
+        C = ninfo[A, NI_NEXT]
+        if C == -1:
+            break
+        B = ninfo[C, NI_NEXT]
+        if ninfo[C, NI_SIZE] == 1:
+            for side in range(2):  # (A_k, C_k) first, then (A_{k+1}, C_k)
+                X = A if side == 0 else B
+                c = ntok[C, 0]
+                i = -1
+                if c == u:
+                    i = _find(ntok, ninfo, X, v)
+                elif c == v:
+                    i = _find(ntok, ninfo, X, u)
+                if i >= 0:
+                    _touch(track, X, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta, aff, affv, tmark)
+                    _touch(track, C, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta, aff, affv, tmark)
+                    changed = True
+                    _remove_at(ntok, ninfo, X, i)
+                    ntok[C, 0] = w
+                    stack[nst] = X
+                    nst += 1
+        else:
+            ia = _find(ntok, ninfo, A, u)
+            ib = _find(ntok, ninfo, B, v) if ia >= 0 else -1
+            if ib < 0:
+                ia = _find(ntok, ninfo, A, v)
+                ib = _find(ntok, ninfo, B, u) if ia >= 0 else -1
+            if ib >= 0:
+                _touch(track, A, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta, aff, affv, tmark)
+                _touch(track, B, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta, aff, affv, tmark)
+                _touch(track, C, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta, aff, affv, tmark)
+                changed = True
+                _remove_at(ntok, ninfo, A, ia)
+                _remove_at(ntok, ninfo, B, ib)
+                ntok[C, 0] = w
+                ninfo[C, NI_SIZE] = 1
+                stack[nst] = A
+                stack[nst + 1] = B
+                nst += 2
+        A = B
+    # Empty-node normalisation. Only nodes emptied above (and, by cascade, their
+    # neighbours) can be affected; the rules are confluent, so a worklist gives the
+    # same result as the reference's repeated left-to-right passes.
+    while nst > 0:
+        nst -= 1
+        A = stack[nst]
+        if ninfo[A, NI_KIND] != ACTION or ninfo[A, NI_SIZE] != 0:
+            continue
+        Pn = ninfo[A, NI_PREV]
+        Nn = ninfo[A, NI_NEXT]
+        if Pn != -1 and ninfo[Pn, NI_SIZE] == 1:
+            # Not the first action and the slot before holds a token: move it in.
+            _touch(track, A, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta, aff, affv, tmark)
+            ntok[A, 0] = ntok[Pn, 0]
+            ninfo[A, NI_SIZE] = 1
+            ninfo[Pn, NI_SIZE] = 0
+            pa = ninfo[Pn, NI_PREV]
+            stack[nst] = pa  # its following slot just emptied
+            nst += 1
+        elif Nn != -1 and ninfo[Nn, NI_SIZE] == 0:
+            # Followed by an empty slot: unlink the action and the slot.
+            _touch(track, A, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta, aff, affv, tmark)
+            B = ninfo[Nn, NI_NEXT]
+            if Pn == -1:
+                sinfo[h, SI_HEAD] = B
+                ninfo[B, NI_PREV] = -1
+            else:
+                ninfo[Pn, NI_NEXT] = B
+                ninfo[B, NI_PREV] = Pn
+            ninfo[A, NI_KIND] = DEAD
+            ninfo[Nn, NI_KIND] = DEAD
+            stack[nst] = B
+            nst += 1
+            if Pn != -1:
+                stack[nst] = ninfo[Pn, NI_PREV]
+                nst += 1
+    return changed
 
 
 @njit
 def _process_seq(h, build, u, v, w, ntok, ninfo, sinfo, ptk, ptv, P, free, spk, spv, occ,
-                 gtl, dlist, stack, stl, meta):
+                 gtl, dlist, stack, stl, meta, aff, affv, tmark):
     """Apply merge {u, v} -> w to sequence h (or, if build, count it from scratch) and fold
     the change of its pair counts into the per-merge global diff."""
     meta[M_SSTAMP] += 1
@@ -386,98 +498,14 @@ def _process_seq(h, build, u, v, w, ntok, ninfo, sinfo, ptk, ptv, P, free, spk, 
             meta[M_DLEN] += 1
             x = ninfo[x, NI_NEXT]
     else:
-        nst = 0
-        # The left-to-right merge walk of spec section 7.
-        A = sinfo[h, SI_HEAD]
-        while A != -1:
-            if u != v:
-                iu = _find(ntok, ninfo, A, u)
-                if iu >= 0 and _find(ntok, ninfo, A, v) >= 0:
-                    _touch(A, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta)
-                    _remove_at(ntok, ninfo, A, iu)
-                    _remove_at(ntok, ninfo, A, _find(ntok, ninfo, A, v))
-                    _insert_front(ntok, ninfo, A, w)
-            C = ninfo[A, NI_NEXT]
-            if C == -1:
-                break
-            B = ninfo[C, NI_NEXT]
-            if ninfo[C, NI_SIZE] == 1:
-                for side in range(2):  # (A_k, C_k) first, then (A_{k+1}, C_k)
-                    X = A if side == 0 else B
-                    c = ntok[C, 0]
-                    i = -1
-                    if c == u:
-                        i = _find(ntok, ninfo, X, v)
-                    elif c == v:
-                        i = _find(ntok, ninfo, X, u)
-                    if i >= 0:
-                        _touch(X, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta)
-                        _touch(C, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta)
-                        _remove_at(ntok, ninfo, X, i)
-                        ntok[C, 0] = w
-                        stack[nst] = X
-                        nst += 1
-            else:
-                ia = _find(ntok, ninfo, A, u)
-                ib = _find(ntok, ninfo, B, v) if ia >= 0 else -1
-                if ib < 0:
-                    ia = _find(ntok, ninfo, A, v)
-                    ib = _find(ntok, ninfo, B, u) if ia >= 0 else -1
-                if ib >= 0:
-                    _touch(A, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta)
-                    _touch(B, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta)
-                    _touch(C, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta)
-                    _remove_at(ntok, ninfo, A, ia)
-                    _remove_at(ntok, ninfo, B, ib)
-                    ntok[C, 0] = w
-                    ninfo[C, NI_SIZE] = 1
-                    stack[nst] = A
-                    stack[nst + 1] = B
-                    nst += 2
-            A = B
-        # Empty-node normalisation. Only nodes emptied above (and, by cascade, their
-        # neighbours) can be affected; the rules are confluent, so a worklist gives the
-        # same result as the reference's repeated left-to-right passes.
-        while nst > 0:
-            nst -= 1
-            A = stack[nst]
-            if ninfo[A, NI_KIND] != ACTION or ninfo[A, NI_SIZE] != 0:
-                continue
-            Pn = ninfo[A, NI_PREV]
-            Nn = ninfo[A, NI_NEXT]
-            if Pn != -1 and ninfo[Pn, NI_SIZE] == 1:
-                # Not the first action and the slot before holds a token: move it in.
-                _touch(A, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta)
-                ntok[A, 0] = ntok[Pn, 0]
-                ninfo[A, NI_SIZE] = 1
-                ninfo[Pn, NI_SIZE] = 0
-                pa = ninfo[Pn, NI_PREV]
-                stack[nst] = pa  # its following slot just emptied
-                nst += 1
-            elif Nn != -1 and ninfo[Nn, NI_SIZE] == 0:
-                # Followed by an empty slot: unlink the action and the slot.
-                _touch(A, ntok, ninfo, ptk, ptv, P, free, stl, dlist, meta)
-                B = ninfo[Nn, NI_NEXT]
-                if Pn == -1:
-                    sinfo[h, SI_HEAD] = B
-                    ninfo[B, NI_PREV] = -1
-                else:
-                    ninfo[Pn, NI_NEXT] = B
-                    ninfo[B, NI_PREV] = Pn
-                ninfo[A, NI_KIND] = DEAD
-                ninfo[Nn, NI_KIND] = DEAD
-                stack[nst] = B
-                nst += 1
-                if Pn != -1:
-                    stack[nst] = ninfo[Pn, NI_PREV]
-                    nst += 1
+        _apply_rule(h, u, v, w, TRACK_COUNTS, ntok, ninfo, sinfo, ptk, ptv, P, free, stl, dlist, stack,
+                    meta, aff, affv, tmark)
     # Add the new pairs of every dirty region that still exists.
     for i in range(meta[M_DLEN]):
         r = dlist[i]
         if ninfo[r, NI_KIND] != DEAD:
             _add_region(r, 1, ntok, ninfo, ptk, ptv, P, free, stl, meta)
     # Fold the per-sequence deltas into the (sequence, pair) counts and the global diff.
-    faithful = meta[M_MODE] == 1
     g = meta[M_MSTAMP]
     hk = np.int64(h) << 32
     for i in range(meta[M_STLLEN]):
@@ -491,12 +519,9 @@ def _process_seq(h, build, u, v, w, ntok, ninfo, sinfo, ptk, ptv, P, free, spk, 
         new = old + d
         if new < 0:
             raise AssertionError("negative per-sequence pair count (bug)")
-        contrib = d
         if new == 0:
             _table_delete(spk, spv, j)
             meta[M_SPCOUNT] -= 1
-            if faithful:
-                contrib = 0  # the official diff never sees pairs that left the sequence
         elif old == 0:
             spk[j] = key
             spv[j] = new
@@ -508,19 +533,18 @@ def _process_seq(h, build, u, v, w, ntok, ninfo, sinfo, ptk, ptv, P, free, spk, 
             meta[M_OCCUSED] = o + 1
         else:
             spv[j] = new
-        if contrib != 0:
-            if P[pid, P_GSTAMP] != g:
-                P[pid, P_GSTAMP] = g
-                P[pid, P_GDIFF] = 0
-                gtl[meta[M_GTLLEN]] = pid
-                meta[M_GTLLEN] += 1
-            P[pid, P_GDIFF] += contrib
+        if P[pid, P_GSTAMP] != g:
+            P[pid, P_GSTAMP] = g
+            P[pid, P_GDIFF] = 0
+            gtl[meta[M_GTLLEN]] = pid
+            meta[M_GTLLEN] += 1
+        P[pid, P_GDIFF] += d
 
 
 @njit
 def _run(max_merges, n_target, ntok, ninfo, sinfo, ptk, ptv, P, free, spk, spv, occ, hp, gtl,
-         L, dlist, stack, stl, meta, out):
-    """Advance the construction by up to `max_merges` merges.
+         L, dlist, stack, stl, meta, out, aff, affv, tmark):
+    """Advance the correct-mode construction by up to `max_merges` merges.
 
     Returns ST_OK (stopped on the count or the target), ST_EXHAUSTED (no pair left) or
     ST_GROW (meta[M_NEED] says which arrays need room; call again after growing them: the
@@ -590,7 +614,7 @@ def _run(max_merges, n_target, ntok, ninfo, sinfo, ptk, ptv, P, free, spk, spv, 
                     meta[M_NEED] = need
                     return ST_GROW
                 _process_seq(h, build, u, v, w, ntok, ninfo, sinfo, ptk, ptv, P, free, spk,
-                             spv, occ, gtl, dlist, stack, stl, meta)
+                             spv, occ, gtl, dlist, stack, stl, meta, aff, affv, tmark)
                 meta[M_LI] += 1
             meta[M_PHASE] = 2
         else:  # publish the diff: update totals, push changed pairs
@@ -605,10 +629,9 @@ def _run(max_merges, n_target, ntok, ninfo, sinfo, ptk, ptv, P, free, spk, spv, 
                 if dv != 0:
                     P[pid, P_TOTAL] += dv
                     if P[pid, P_TOTAL] == 0:
-                        # Correct mode: the pair is gone from every sequence (no (seq, pair)
-                        # entry refers to it), so its id can be recycled; its heap entries
-                        # turn invalid because the key is no longer found. (Faithful totals
-                        # never reach 0.)
+                        # The pair is gone from every sequence (no (seq, pair) entry refers
+                        # to it), so its id can be recycled; its heap entries turn invalid
+                        # because the key is no longer found.
                         _table_delete(ptk, ptv, _sp_lookup(ptk, P[pid, P_KEY]))
                         free[meta[M_NFREE]] = pid
                         meta[M_NFREE] += 1
@@ -618,15 +641,459 @@ def _run(max_merges, n_target, ntok, ninfo, sinfo, ptk, ptv, P, free, spk, spv, 
                 meta[M_BUILD] = 0
             else:
                 cp = meta[M_CURPID]
-                if (meta[M_MODE] == 0 and P[cp, P_TOTAL] > 0
-                        and (P[cp, P_GSTAMP] != g or P[cp, P_GDIFF] == 0)):
-                    # Correct mode keeps "every live pair has a valid heap entry": the
-                    # popped entry is gone, so re-push a pair that survived unchanged.
+                if P[cp, P_TOTAL] > 0 and (P[cp, P_GSTAMP] != g or P[cp, P_GDIFF] == 0):
+                    # Keep "every live pair has a valid heap entry": the popped entry is
+                    # gone, so re-push a pair that survived unchanged.
                     n = _heap_push(hp, n, P[cp, P_TOTAL], P[cp, P_KEY])
                 meta[M_NDONE] += 1
                 done += 1
             meta[M_HEAPSIZE] = n
             meta[M_PHASE] = 0
+
+
+# ----------------------------------------------------------------------------- faithful mode
+# The official code's vocabulary, bit for bit (official_port.py lists what that takes):
+# float counts summed in its order, a sequence's diff over its new count's keys only, an
+# inverted index that never shrinks and is walked in CPython's set order, a lazy heap with
+# a 1e-12 tolerance. The official code re-merges and fully recounts every indexed sequence
+# on every merge; here an unchanged sequence is skipped (its recount would give the same
+# floats: every diff +0.0, which changes nothing) and a changed one re-sums only the pairs
+# that occur in a region the merge touched, each over all its contributions in list order
+# (the other pairs' contributions, hence their floats, are unchanged).
+F_TOTAL, F_GDIFF = 0, 1
+N_FCOL = 2
+# Columns of the per-sequence "affected pairs" table `aff`: key, stamp; column 2 lists the
+# slots in use (in insertion order).
+A_KEY, A_STAMP, A_LIST = 0, 1, 2
+EPS_OFFICIAL = 1e-12
+PY_LINEAR_PROBES = 9  # CPython Objects/setobject.c
+PY_PERTURB_SHIFT = 5
+
+
+@njit
+def _fbetter(c1, k1, c2, k2):
+    # Python's order of (-count, (u, v)) tuples, smallest first.
+    return c1 > c2 or (c1 == c2 and k1 < k2)
+
+
+@njit
+def _fheap_push(hc, hk, n, c, k):
+    i = n
+    while i > 0:
+        par = (i - 1) >> 1
+        if _fbetter(c, k, hc[par], hk[par]):
+            hc[i] = hc[par]
+            hk[i] = hk[par]
+            i = par
+        else:
+            break
+    hc[i] = c
+    hk[i] = k
+    return n + 1
+
+
+@njit
+def _fheap_pop(hc, hk, n):
+    """Remove the top of a heap of size n; returns (count, key). Caller shrinks n."""
+    c = hc[0]
+    k = hk[0]
+    n -= 1
+    lc = hc[n]
+    lk = hk[n]
+    i = 0
+    while True:
+        left = 2 * i + 1
+        if left >= n:
+            break
+        best = left
+        right = left + 1
+        if right < n and _fbetter(hc[right], hk[right], hc[left], hk[left]):
+            best = right
+        if _fbetter(hc[best], hk[best], lc, lk):
+            hc[i] = hc[best]
+            hk[i] = hk[best]
+            i = best
+        else:
+            break
+    hc[i] = lc
+    hk[i] = lk
+    return c, k
+
+
+@njit
+def _pyset_insert_clean(tab, mask, key):
+    """CPython's set_insert_clean for a non-negative int (hash = value), no dummies."""
+    perturb = key
+    i = key & mask
+    while True:
+        if tab[i] == -1:
+            tab[i] = key
+            return
+        if i + PY_LINEAR_PROBES <= mask:
+            for j in range(i + 1, i + PY_LINEAR_PROBES + 1):
+                if tab[j] == -1:
+                    tab[j] = key
+                    return
+        perturb >>= PY_PERTURB_SHIFT
+        i = (i * 5 + 1 + perturb) & mask
+
+
+@njit
+def _pyset_resize(tab, size, tmp, minused):
+    """set_table_resize: rehash tab[:size] (in slot order) into a table > minused, in tab."""
+    newsize = 8
+    while newsize <= minused:
+        newsize <<= 1
+    for i in range(newsize):
+        tmp[i] = -1
+    for i in range(size):
+        if tab[i] != -1:
+            _pyset_insert_clean(tmp, newsize - 1, tab[i])
+    for i in range(newsize):
+        tab[i] = tmp[i]
+    return newsize
+
+
+@njit
+def _pyset_copy_order(keys, n, tab, tmp, out):
+    """Iteration order of ``s.copy()`` where s = set() got s.add(keys[n-1]), ...,
+    s.add(keys[0]) (distinct non-negative ints, no removals), as in CPython 3.7-3.13:
+    set_add_entry (9 linear probes, then perturbation; at 60% fill a resize to > 4x used),
+    then set_merge into a fresh set (one resize to > 2x used, then a slot-for-slot copy if
+    the sizes agree, else clean re-insertion in the source's slot order). Writes out[:n]."""
+    size = 8
+    for i in range(size):
+        tab[i] = -1
+    used = 0
+    for idx in range(n - 1, -1, -1):
+        key = keys[idx]
+        mask = size - 1
+        perturb = key
+        i = key & mask
+        placed = False
+        while not placed:
+            last = i + PY_LINEAR_PROBES if i + PY_LINEAR_PROBES <= mask else i
+            for j in range(i, last + 1):
+                if tab[j] == -1:
+                    tab[j] = key
+                    placed = True
+                    break
+            if not placed:
+                perturb >>= PY_PERTURB_SHIFT
+                i = (i * 5 + 1 + perturb) & mask
+        used += 1
+        if used * 5 >= mask * 3:
+            size = _pyset_resize(tab, size, tmp, used * 2 if used > 50000 else used * 4)
+    csize = 8
+    if used * 5 >= 7 * 3:
+        while csize <= used * 2:
+            csize <<= 1
+    src = tab
+    if csize != size:
+        for i in range(csize):
+            tmp[i] = -1
+        for i in range(size):
+            if tab[i] != -1:
+                _pyset_insert_clean(tmp, csize - 1, tab[i])
+        src = tmp
+    m = 0
+    for i in range(csize):
+        if src[i] != -1:
+            out[m] = src[i]
+            m += 1
+    return m
+
+
+@njit
+def _note_pair(a, b, meta, aff, affv, tmark):
+    """Add pair {a, b} to this sequence update's affected pairs (sum starts at 0.0)."""
+    a = np.int64(a)
+    b = np.int64(b)
+    if a > b:
+        a, b = b, a
+    s = meta[M_SSTAMP]
+    tmark[a] = s
+    tmark[b] = s
+    key = (a << 32) | b
+    mask = len(aff) - 1
+    i = _hash(key) & mask
+    while aff[i, A_STAMP] == s:
+        if aff[i, A_KEY] == key:
+            return
+        i = (i + 1) & mask
+    aff[i, A_KEY] = key
+    aff[i, A_STAMP] = s
+    affv[i] = 0.0
+    aff[meta[M_AFFN], A_LIST] = i
+    meta[M_AFFN] += 1
+
+
+@njit
+def _note_region(r, ntok, ninfo, meta, aff, affv, tmark):
+    """Note every pair of region r (the same pairs `_add_region` counts)."""
+    if ninfo[r, NI_KIND] == ACTION:
+        m = ninfo[r, NI_SIZE]
+        for i in range(m):
+            for j in range(i + 1, m):
+                _note_pair(ntok[r, i], ntok[r, j], meta, aff, affv, tmark)
+        return
+    a = ninfo[r, NI_PREV]
+    b = ninfo[r, NI_NEXT]
+    if ninfo[r, NI_SIZE] == 1:
+        c = ntok[r, 0]
+        for i in range(ninfo[a, NI_SIZE]):
+            _note_pair(ntok[a, i], c, meta, aff, affv, tmark)
+        for i in range(ninfo[b, NI_SIZE]):
+            _note_pair(c, ntok[b, i], meta, aff, affv, tmark)
+    else:
+        for i in range(ninfo[a, NI_SIZE]):
+            for j in range(ninfo[b, NI_SIZE]):
+                _note_pair(ntok[a, i], ntok[b, j], meta, aff, affv, tmark)
+
+
+@njit
+def _sum_pair(a, b, wgt, meta, aff, affv, tmark):
+    """Add `wgt` to the running sum of pair {a, b} if it is an affected pair."""
+    s = meta[M_SSTAMP]
+    if tmark[a] != s or tmark[b] != s:
+        return
+    a = np.int64(a)
+    b = np.int64(b)
+    if a > b:
+        a, b = b, a
+    key = (a << 32) | b
+    mask = len(aff) - 1
+    i = _hash(key) & mask
+    while aff[i, A_STAMP] == s:
+        if aff[i, A_KEY] == key:
+            affv[i] += wgt
+            return
+        i = (i + 1) & mask
+
+
+@njit
+def _sum_between(x, y, ntok, ninfo, meta, aff, affv, tmark):
+    """Pairs across nodes x, y, weight 1/(|x||y|). The official code sums each gap on its
+    own first, so a pair met in both orientations adds w + w in one go, not w, then w."""
+    nx = ninfo[x, NI_SIZE]
+    ny = ninfo[y, NI_SIZE]
+    if nx == 0 or ny == 0:
+        return
+    s = meta[M_SSTAMP]
+    wgt = 1.0 / (nx * ny)
+    for i in range(nx):
+        a = ntok[x, i]
+        if tmark[a] != s:
+            continue
+        for j in range(ny):
+            b = ntok[y, j]
+            if tmark[b] != s:
+                continue
+            if a != b:
+                ib = _find(ntok, ninfo, x, b)
+                if ib >= 0 and _find(ntok, ninfo, y, a) >= 0:
+                    if ib > i:  # the first of the two orientations
+                        _sum_pair(a, b, wgt + wgt, meta, aff, affv, tmark)
+                    continue
+            _sum_pair(a, b, wgt, meta, aff, affv, tmark)
+
+
+@njit
+def _sum_sequence(h, ntok, ninfo, sinfo, meta, aff, affv, tmark):
+    """Float count of every affected pair of sequence h: its contributions added in list
+    order, region by region, as the official recount adds them."""
+    x = sinfo[h, SI_HEAD]
+    s = meta[M_SSTAMP]
+    while x != -1:
+        m = ninfo[x, NI_SIZE]
+        if m >= 2:
+            wgt = 2.0 / m
+            for i in range(m):
+                if tmark[ntok[x, i]] == s:
+                    for j in range(i + 1, m):
+                        _sum_pair(ntok[x, i], ntok[x, j], wgt, meta, aff, affv, tmark)
+        C = ninfo[x, NI_NEXT]
+        if C == -1:
+            break
+        B = ninfo[C, NI_NEXT]
+        if ninfo[C, NI_SIZE] == 1:
+            _sum_between(x, C, ntok, ninfo, meta, aff, affv, tmark)
+            _sum_between(C, B, ntok, ninfo, meta, aff, affv, tmark)
+        else:
+            _sum_between(x, B, ntok, ninfo, meta, aff, affv, tmark)
+        x = B
+
+
+@njit
+def _fprocess_seq(h, build, u, v, w, ntok, ninfo, sinfo, ptk, ptv, P, PF, free, spk, spf, occ,
+                  gtl, dlist, stack, stl, meta, aff, affv, tmark):
+    """Official per-sequence update: merge, recount, diff over the new keys only, index
+    only grows, diff added to the per-merge total diff (in call order = set order).
+
+    spk's (h, pid) entries are the official inverted index (never removed); spf holds the
+    pair's count in h, 0.0 once it vanished (absent from the official per-sequence dict).
+    Returns how many pairs re-appeared in h (where the official code's assert fails)."""
+    meta[M_SSTAMP] += 1
+    meta[M_DLEN] = 0
+    meta[M_AFFN] = 0
+    if build:
+        x = sinfo[h, SI_HEAD]
+        while x != -1:
+            _note_region(x, ntok, ninfo, meta, aff, affv, tmark)
+            x = ninfo[x, NI_NEXT]
+    else:
+        if not _apply_rule(h, u, v, w, TRACK_PAIRS, ntok, ninfo, sinfo, ptk, ptv, P, free, stl,
+                           dlist, stack, meta, aff, affv, tmark):
+            return 0
+        for i in range(meta[M_DLEN]):
+            r = dlist[i]
+            if ninfo[r, NI_KIND] != DEAD:
+                _note_region(r, ntok, ninfo, meta, aff, affv, tmark)
+    _sum_sequence(h, ntok, ninfo, sinfo, meta, aff, affv, tmark)
+    g = meta[M_MSTAMP]
+    hk = np.int64(h) << 32
+    reappear = 0
+    for i in range(meta[M_AFFN]):
+        slot = aff[i, A_LIST]
+        new = affv[slot]
+        pid = _pair_get(ptk, ptv, P, free, meta, aff[slot, A_KEY])
+        key = hk | pid
+        j = _sp_lookup(spk, key)
+        if new == 0.0:  # no contribution left: gone from the new dict, no diff
+            if spk[j] == key:
+                spf[j] = 0.0
+            continue
+        old = 0.0
+        if spk[j] == key:
+            if spf[j] == 0.0:
+                reappear += 1  # indexed already: the official set.add asserts here
+            old = spf[j]
+        else:
+            spk[j] = key
+            meta[M_SPCOUNT] += 1
+            o = meta[M_OCCUSED]
+            occ[o, 0] = h
+            occ[o, 1] = P[pid, P_OCC]
+            P[pid, P_OCC] = o
+            meta[M_OCCUSED] = o + 1
+        spf[j] = new
+        d = new - old
+        if P[pid, P_GSTAMP] != g:
+            P[pid, P_GSTAMP] = g
+            PF[pid, F_GDIFF] = d
+            gtl[meta[M_GTLLEN]] = pid
+            meta[M_GTLLEN] += 1
+        else:
+            PF[pid, F_GDIFF] += d
+    return reappear
+
+
+@njit
+def _run_faithful(max_merges, n_target, ntok, ninfo, sinfo, ptk, ptv, P, PF, free, spk, spf, occ,
+                  hc, hk, gtl, L, buf, tab, tmp, dlist, stack, stl, meta, aff, affv, tmark, out,
+                  outf):
+    """Faithful-mode counterpart of `_run` (same phases, return codes and growth protocol).
+    out[n] = (key, unused, phantom, re-appearances); outf[n] = the official priority."""
+    K = meta[M_K]
+    done = 0
+    while True:
+        phase = meta[M_PHASE]
+        if phase == 0:  # pop until an entry is within 1e-12 of its pair's total
+            if meta[M_NDONE] >= n_target or done >= max_merges:
+                return ST_OK
+            found = False
+            c = 0.0
+            k = np.int64(0)
+            pid = -1
+            while meta[M_HEAPSIZE] > 0:
+                c, k = _fheap_pop(hc, hk, meta[M_HEAPSIZE])
+                meta[M_HEAPSIZE] -= 1
+                pid = _pair_find(ptk, ptv, k)
+                if not abs(c - PF[pid, F_TOTAL]) > EPS_OFFICIAL:
+                    found = True
+                    break
+            if not found:
+                return ST_EXHAUSTED
+            n = meta[M_NDONE]
+            out[n, 0] = k
+            out[n, 3] = 0
+            outf[n] = c
+            meta[M_CURPID] = pid
+            meta[M_CURW] = meta[M_NINIT] + n
+            meta[M_MSTAMP] += 1
+            meta[M_GTLLEN] = 0
+            nb = 0  # the index list is newest first
+            j = P[pid, P_OCC]
+            present = False
+            while j != -1:
+                h = occ[j, 0]
+                buf[nb] = h
+                nb += 1
+                if not present:
+                    present = spf[_sp_lookup(spk, (np.int64(h) << 32) | pid)] > 0.0
+                j = occ[j, 1]
+            out[n, 2] = not present  # occurs nowhere: a phantom merge
+            meta[M_LLEN] = _pyset_copy_order(buf, nb, tab, tmp, L)
+            meta[M_LI] = 0
+            meta[M_PHASE] = 1
+        elif phase == 1:  # re-merge the indexed sequences, in set order
+            build = meta[M_BUILD] == 1
+            key = P[meta[M_CURPID], P_KEY] if not build else 0
+            u = key >> 32
+            v = key & 0xFFFFFFFF
+            w = meta[M_CURW]
+            while meta[M_LI] < meta[M_LLEN]:
+                h = L[meta[M_LI]]
+                bound = sinfo[h, SI_NNODES] * K * K + K * K
+                need = 0
+                if meta[M_NPIDS] + bound > P.shape[0]:
+                    need |= NEED_PAIRS
+                if meta[M_NPIDS] + bound > MAX_LOAD_PTAB * len(ptk):
+                    need |= NEED_PTAB
+                if meta[M_SPCOUNT] + bound > MAX_LOAD_SP * len(spk):
+                    need |= NEED_SP
+                if meta[M_OCCUSED] + bound > occ.shape[0]:
+                    need |= NEED_OCC
+                if need:
+                    meta[M_NEED] = need
+                    return ST_GROW
+                r = _fprocess_seq(h, build, u, v, w, ntok, ninfo, sinfo, ptk, ptv, P, PF, free,
+                                  spk, spf, occ, gtl, dlist, stack, stl, meta, aff, affv, tmark)
+                if not build:
+                    out[meta[M_NDONE], 3] += r
+                meta[M_LI] += 1
+            meta[M_PHASE] = 2
+        else:  # official _update_pq: skip |diff| < 1e-12, else add it and push the total
+            if meta[M_HEAPSIZE] + meta[M_GTLLEN] + 1 > len(hc):
+                meta[M_NEED] = NEED_HEAP
+                return ST_GROW
+            n = meta[M_HEAPSIZE]
+            for i in range(meta[M_GTLLEN]):
+                pid = gtl[i]
+                dv = PF[pid, F_GDIFF]
+                if abs(dv) >= EPS_OFFICIAL:
+                    PF[pid, F_TOTAL] += dv
+                    n = _fheap_push(hc, hk, n, PF[pid, F_TOTAL], P[pid, P_KEY])
+            if meta[M_BUILD] == 1:
+                meta[M_BUILD] = 0
+            else:
+                meta[M_NDONE] += 1
+                done += 1
+            meta[M_HEAPSIZE] = n
+            meta[M_PHASE] = 0
+
+
+@njit
+def _sp_rehash_float(spk, spf, new_k, new_f):
+    mask = len(new_k) - 1
+    for j in range(len(spk)):
+        key = spk[j]
+        if key != -1:
+            i = _hash(key) & mask
+            while new_k[i] != -1:
+                i = (i + 1) & mask
+            new_k[i] = key
+            new_f[i] = spf[j]
 
 
 # ----------------------------------------------------------------------------- Python API
@@ -635,17 +1102,25 @@ class MergeResult:
     """Learned merge rules in learning order.
 
     ``pairs[i] = (u, v)`` (u <= v) is merged into token ``n_init_tokens + i``;
-    ``counts[i]`` is its global weighted count at merge time times ``scale``."""
+    ``counts[i]`` is its global weighted count at merge time times ``scale`` (exact in
+    correct mode; in faithful mode the official float count rounded to that grid)."""
 
     pairs: np.ndarray  # (n, 2) int64
-    counts: np.ndarray  # (n,) int64, exact
+    counts: np.ndarray  # (n,) int64
     scale: int
     n_init_tokens: int
     mode: str
     phantom: np.ndarray  # (n,) bool: the pair occurred in no sequence (faithful mode only)
+    # Faithful mode: the official priority (float count of the popped heap entry), bit for
+    # bit, and per merge how many pairs re-appeared in a sequence they had vanished from
+    # (each one a failed assertion in the official code, which only runs on under -O).
+    float_priorities: np.ndarray | None = None
+    reappearances: np.ndarray | None = None
 
     @property
     def priorities(self) -> np.ndarray:
+        if self.float_priorities is not None:
+            return self.float_priorities
         return self.counts / self.scale
 
     def __len__(self) -> int:
@@ -719,7 +1194,7 @@ class _State:
         self.stack = np.zeros(4 * max_nodes + 8, dtype=np.int64)
         # Pairs touched by one sequence update: old and new pairs of at most all its regions.
         self.stl = np.zeros(2 * (max_nodes + 1) * K * K + 1, dtype=np.int64)
-        self.out = np.zeros((max(n_target, 1), 3), dtype=np.int64)
+        self.out = np.zeros((max(n_target, 1), 4), dtype=np.int64)
         self.meta = np.zeros(N_META, dtype=np.int64)
         m = self.meta
         m[M_MODE] = MODES.index(mode)
@@ -735,6 +1210,32 @@ class _State:
         total_weight = (K + 2) * len(flat) * m[M_SCALE]
         if total_weight >= 2**62:
             raise ValueError(f"{K} features per item: integer-scaled counts would overflow int64")
+        self.faithful = mode == "faithful"
+        if self.faithful:
+            n_seqs = len(sequences)
+            self.PF = np.zeros((pair_cap, N_FCOL), dtype=np.float64)
+            self.spf = np.zeros(sp_cap, dtype=np.float64)  # takes the place of spv
+            self.spv = np.zeros(0, dtype=np.int64)
+            self.hp = np.zeros((0, 2), dtype=np.int64)
+            self.hc = np.zeros(initial_capacity, dtype=np.float64)
+            self.hk = np.zeros(initial_capacity, dtype=np.int64)
+            self.buf = np.zeros(n_seqs, dtype=np.int64)
+            # Largest emulated CPython set table: a resize asks for > 4 * used slots.
+            tab_size = 8
+            while tab_size <= 4 * n_seqs:
+                tab_size <<= 1
+            self.tab = np.zeros(tab_size, dtype=np.int64)
+            self.tmp = np.zeros(tab_size, dtype=np.int64)
+            self.outf = np.zeros(max(n_target, 1), dtype=np.float64)
+            # Affected pairs of one sequence update: at most old + new pairs of all regions.
+            aff_size = 1 << int(math.ceil(math.log2(4 * (max_nodes + 1) * K * K + 16)))
+            self.aff = np.full((aff_size, 3), -1, dtype=np.int64)
+            self.affv = np.zeros(aff_size, dtype=np.float64)
+            self.tmark = np.full(n_init + max(n_target, 1) + 1, -1, dtype=np.int64)
+        else:  # unused by the correct-mode kernel
+            self.aff = np.zeros((1, 3), dtype=np.int64)
+            self.affv = np.zeros(1, dtype=np.float64)
+            self.tmark = np.zeros(1, dtype=np.int64)
 
     def grow(self, need: int) -> None:
         m = self.meta
@@ -743,26 +1244,47 @@ class _State:
             self.P = np.concatenate([self.P, np.zeros((extra, N_PCOL), dtype=np.int64)])
             self.gtl = np.concatenate([self.gtl, np.zeros(extra, dtype=np.int64)])
             self.free = np.concatenate([self.free, np.zeros(extra, dtype=np.int64)])
+            if self.faithful:
+                self.PF = np.concatenate([self.PF, np.zeros((extra, N_FCOL), dtype=np.float64)])
         if need & NEED_PTAB:
             self.ptk, self.ptv = _rehashed(self.ptk, self.ptv)
         if need & NEED_SP:
-            self.spk, self.spv = _rehashed(self.spk, self.spv)
+            if self.faithful:
+                new_k = np.full(2 * len(self.spk), -1, dtype=np.int64)
+                new_f = np.zeros(2 * len(self.spk), dtype=np.float64)
+                _sp_rehash_float(self.spk, self.spf, new_k, new_f)
+                self.spk, self.spf = new_k, new_f
+            else:
+                self.spk, self.spv = _rehashed(self.spk, self.spv)
         if need & NEED_OCC:
-            if m[M_OCCUSED] > 2 * m[M_SPCOUNT]:
+            # Faithful mode: the lists are the official index, which never drops an entry,
+            # in insertion order: never rebuilt.
+            if not self.faithful and m[M_OCCUSED] > 2 * m[M_SPCOUNT]:
                 m[M_OCCUSED] = _occ_rebuild(self.spk, self.occ, self.P, m[M_NPIDS])
             else:
                 self.occ = np.concatenate([self.occ, np.zeros_like(self.occ)])
         if need & NEED_HEAP:
-            if m[M_MODE] == 0:
+            if self.faithful:  # stale entries may turn valid again: never compacted
+                self.hc = np.concatenate([self.hc, np.zeros_like(self.hc)])
+                self.hk = np.concatenate([self.hk, np.zeros_like(self.hk)])
+            else:
                 m[M_HEAPSIZE] = _heap_compact(self.hp, m[M_HEAPSIZE], self.P, self.ptk, self.ptv)
-            if m[M_HEAPSIZE] + m[M_GTLLEN] + 1 > 0.75 * self.hp.shape[0]:
-                self.hp = np.concatenate([self.hp, np.zeros_like(self.hp)])
+                if m[M_HEAPSIZE] + m[M_GTLLEN] + 1 > 0.75 * self.hp.shape[0]:
+                    self.hp = np.concatenate([self.hp, np.zeros_like(self.hp)])
 
     def run(self, max_merges: int, n_target: int) -> int:
         while True:
-            status = _run(max_merges, n_target, self.ntok, self.ninfo, self.sinfo, self.ptk,
-                          self.ptv, self.P, self.free, self.spk, self.spv, self.occ, self.hp, self.gtl,
-                          self.L, self.dlist, self.stack, self.stl, self.meta, self.out)
+            if self.faithful:
+                status = _run_faithful(
+                    max_merges, n_target, self.ntok, self.ninfo, self.sinfo, self.ptk, self.ptv,
+                    self.P, self.PF, self.free, self.spk, self.spf, self.occ, self.hc, self.hk,
+                    self.gtl, self.L, self.buf, self.tab, self.tmp, self.dlist, self.stack,
+                    self.stl, self.meta, self.aff, self.affv, self.tmark, self.out, self.outf)
+            else:
+                status = _run(max_merges, n_target, self.ntok, self.ninfo, self.sinfo, self.ptk,
+                              self.ptv, self.P, self.free, self.spk, self.spv, self.occ, self.hp,
+                              self.gtl, self.L, self.dlist, self.stack, self.stl, self.meta, self.out,
+                              self.aff, self.affv, self.tmark)
             if status != ST_GROW:
                 return status
             self.grow(int(self.meta[M_NEED]))
@@ -793,7 +1315,8 @@ def learn_merges(
             first.
         n_init_tokens: id of the first merged token (= number of initial tokens incl. pad).
         n_merges: how many rules to learn (fewer if no pair is left).
-        mode: ``"correct"`` or ``"faithful"`` (official stale-count behaviour).
+        mode: ``"correct"`` or ``"faithful"`` (the official code's vocabulary and float
+            priorities, stale counts included; slower, more memory).
         progress: tqdm bar (None = only on a TTY).
         initial_capacity: starting size of the growable tables (a power of two; tests use
             a tiny one so that every growth and compaction path runs).
@@ -825,5 +1348,12 @@ def learn_merges(
                 break
     keys = state.out[:done, 0]
     pairs = np.stack([keys >> 32, keys & 0xFFFFFFFF], axis=1)
-    return MergeResult(pairs=pairs, counts=state.out[:done, 1].copy(), scale=int(state.meta[M_SCALE]),
-                       n_init_tokens=n_init_tokens, mode=mode, phantom=state.out[:done, 2] == 1)
+    scale = int(state.meta[M_SCALE])
+    phantom = state.out[:done, 2] == 1
+    if state.faithful:
+        pri = state.outf[:done].copy()
+        return MergeResult(pairs=pairs, counts=np.rint(pri * scale).astype(np.int64), scale=scale,
+                           n_init_tokens=n_init_tokens, mode=mode, phantom=phantom,
+                           float_priorities=pri, reappearances=state.out[:done, 3].copy())
+    return MergeResult(pairs=pairs, counts=state.out[:done, 1].copy(), scale=scale,
+                       n_init_tokens=n_init_tokens, mode=mode, phantom=phantom)
