@@ -39,17 +39,17 @@ from data.prepare import load_dataset
 from modules.actionpiece.recommender import (
     IGNORE, ActionPieceLayout, ItemDecoder, build_tokenizer, evaluate_actionpiece, load_tokenizer,
 )
+from modules.decoder_models import T5ConfigBound
 from modules.evaluation import popularity_ranking, ranking_metrics
+from modules.recommender import export_run, from_training, run_record
 from modules.tokens import PAD
 from modules.training import (
     autocast_dtype, length_chunks, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
     fingerprint, seed_everything, train_loop, warmup_cosine,
 )
 from modules.transformers.generation import shift_right
-from modules.transformers.t5 import T5, T5Config
+from modules.transformers.t5 import T5
 
-# Calling this (not the raw dataclass) applies the gin bindings of T5Config.*.
-T5ConfigBound = gin.external_configurable(T5Config)
 REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 
@@ -93,6 +93,7 @@ def train_actionpiece(
     wandb_mode: str = "offline",
     wandb_project: str = "sidrec",
     run_name: str | None = None,
+    push_to_hub: str | None = None,  # Hub repo id for the recommender (modules/recommender.py)
 ) -> dict:
     t_start = time.time()
     out = Path(out_dir)
@@ -223,6 +224,13 @@ def train_actionpiece(
     }
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()
+    # What from_pretrained(out_dir) loads, and exactly what push_to_hub sends: modules/recommender.py.
+    rec = from_training(model, "actionpiece", tok, dataset, output_vocab=output_vocab, num_beams=num_beams,
+                        n_inference_ensemble=n_inference_ensemble, eval_seed=eval_seed, batch_size=eval_batch_size,
+                        run=run_record(result), checkpoint=out / "best.pt")
+    result["recommender"] = str(export_run(out, rec, push_to_hub))
+    if push_to_hub:
+        result["hub"] = push_to_hub
     print_result(result, out)
     return result
 

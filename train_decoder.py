@@ -32,52 +32,18 @@ import torch
 
 from data.prepare import load_dataset
 from modules.beam_search import PrefixTrie
+from modules.decoder_models import build_model, load_tokenizer
 from modules.evaluation import evaluate_exact_topk, evaluate_generative, popularity_ranking, ranking_metrics
+from modules.recommender import export_run, from_training, run_record
 from modules.objectives import all_positions_loss, full_softmax_loss, sliding_window_loss
-from modules.sasrec import SASRec, SASRecConfig, save_item_embeddings
-from modules.semantic_ids import SemanticIdTokenizer
+from modules.sasrec import save_item_embeddings
 from modules.tokens import TokenLayout
 from modules.training import (
     autocast_dtype, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
     fingerprint, resolved_config, seed_everything, train_loop, warmup_cosine,
 )
-from modules.transformers.gpt import GPT, GPTConfig
-from modules.transformers.t5 import T5, T5Config
 
-# Calling these (not the raw dataclasses) applies the gin bindings of T5Config.* / GPTConfig.*.
-T5ConfigBound = gin.external_configurable(T5Config)
-GPTConfigBound = gin.external_configurable(GPTConfig)
-SASRecConfigBound = gin.external_configurable(SASRecConfig)
 REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
-
-
-def load_tokenizer(name: str, dataset) -> SemanticIdTokenizer:
-    """A train_rqvae.py tokenizer by path (its dir, or the run dir holding ``tokenizer/``) or Hub id,
-    checked against the dataset's items."""
-    path = Path(name)
-    if (path / "tokenizer").is_dir():
-        path = path / "tokenizer"
-    if not path.exists() and (name.startswith((".", "/")) or name.count("/") != 1):
-        raise FileNotFoundError(f"tokenizer not found: {name} (run train_rqvae.py first, or give a Hub repo id)")
-    tok = SemanticIdTokenizer.from_pretrained(str(path) if path.exists() else name)
-    if tok.num_items != dataset.num_items:
-        raise ValueError(f"tokenizer {name} has codes for {tok.num_items} items but dataset {dataset.name} has "
-                         f"{dataset.num_items}: it was trained on another dataset or other preprocessing options")
-    if tok.raw_ids is not None:
-        try:
-            tok.check_raw_ids(dataset.items["raw_id"].to_list())
-        except ValueError as e:
-            raise ValueError(f"tokenizer {name} does not match dataset {dataset.name}: {e}") from None
-    return tok
-
-
-def build_model(architecture: str, layout: TokenLayout | None, dataset) -> torch.nn.Module:
-    if architecture == "t5":
-        return T5(T5ConfigBound(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size))
-    if architecture == "gpt":
-        return GPT(GPTConfigBound(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size))
-    # Positions = the evaluation histories' length (training segments feed at most as many).
-    return SASRec(SASRecConfigBound(num_items=dataset.num_items, max_len=dataset.max_history))
 
 
 @gin.configurable
@@ -111,7 +77,7 @@ def train_decoder(
     wandb_mode: str = "offline",
     wandb_project: str = "sidrec",
     run_name: str | None = None,
-    push_to_hub: str | None = None,  # Hub repo id for the best model + token layout
+    push_to_hub: str | None = None,  # Hub repo id for the recommender (modules/recommender.py)
 ) -> dict:
     t_start = time.time()
     if architecture not in ("t5", "gpt", "sasrec"):
@@ -234,26 +200,14 @@ def train_decoder(
             "valid_ndcg@10": valid_metrics["ndcg@10"], "config": resolved_config()}))
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()
+    # What from_pretrained(out_dir) loads, and exactly what push_to_hub sends: modules/recommender.py.
+    rec = from_training(model, architecture, tok, dataset, layout=layout, beam_size=beam_size,
+                        batch_size=eval_batch_size, run=run_record(result), checkpoint=out / "best.pt")
+    result["recommender"] = str(export_run(out, rec, push_to_hub))
     if push_to_hub:
-        push_recommender(push_to_hub, out / "best.pt", tok)
         result["hub"] = push_to_hub
     print_result(result, out)
     return result
-
-
-def push_recommender(repo_id: str, best_path: Path, tok: SemanticIdTokenizer | None) -> None:
-    """Upload the best checkpoint and the tokenizer it needs (if any) to one Hub repo."""
-    import tempfile
-
-    from huggingface_hub import HfApi
-
-    with tempfile.TemporaryDirectory() as tmp:
-        if tok is not None:
-            tok.save_pretrained(Path(tmp) / "tokenizer")
-        api = HfApi()
-        api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=tmp)
-        api.upload_file(repo_id=repo_id, path_or_fileobj=str(best_path), path_in_repo="recommender.pt")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,15 +18,6 @@ LAYOUT = TokenLayout(SIZES, num_user_buckets=5)
 SMALL = dict(d_model=32, num_heads=2, d_head=16, d_ff=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: with 2 threads, thread sync costs more than the work (and on a
-    busy machine far more), so each test runs single-threaded and restores the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_model(kind: str, seed: int):
     torch.manual_seed(seed)

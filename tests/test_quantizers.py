@@ -11,15 +11,6 @@ from modules.quantizers.rqvae import RQVAE, RQVAEConfig, rotation_trick
 from modules.semantic_ids import collision_stats
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is faster, and it avoids OpenMP spin-waiting when the
-    2 CI cores are shared with other processes (that made one run 40x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def clustered(n=256, k=16, dim=32, noise=0.3, seed=0):
     """n points around k random centres (k divides n)."""

@@ -17,15 +17,6 @@ from modules.transformers.t5 import T5, T5Config, relative_position_bucket
 LAYOUT = TokenLayout((4, 5, 3), num_user_buckets=7)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: with 2 threads, thread sync costs more than the work (and on a
-    busy machine far more), so each test runs single-threaded and restores the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_t5(layout=LAYOUT, **kw) -> T5:
     cfg = dict(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size, d_model=32,

@@ -11,14 +11,13 @@ from __future__ import annotations
 import ast
 import json
 import re
-import warnings
 from pathlib import Path
 
 import polars as pl
 
 from data.download import fetch
 from data.sources.base import (
-    DataFormatError, RawData, conform_items, default_cache_dir, empty_items, find_file,
+    DataFormatError, RawData, conform_items, default_cache_dir, empty_items, find_file, reviews_and_meta,
     parse_json_lines, read_bytes,
 )
 
@@ -43,7 +42,6 @@ def load(category: str = "Beauty", path: str | Path | None = None, cache_dir: st
     """Read one category. ``path``: a folder holding the files or the review file itself;
     without it the files are downloaded into ``cache_dir/raw/amazon2014``. ``checksums``:
     file name -> sha256, verified after download (upstream publishes none, so none by default)."""
-    notes: list[str] = []
     if path is not None:
         path = Path(path)
         folder = path if path.is_dir() else path.parent
@@ -67,17 +65,7 @@ def load(category: str = "Beauty", path: str | Path | None = None, cache_dir: st
         reviews = get(review_file_name(category))
         meta = get(meta_file_name(category)) if download_meta else None
 
-    events = read_reviews(reviews)
-    if meta is None:
-        note = (f"item text missing: no {meta_file_name(category)} beside {reviews}; items have ids only "
-                "(embeddings need text: add the meta file or use a source with item text)")
-        warnings.warn(note, stacklevel=2)
-        notes.append(note)
-        items = empty_items()
-    else:
-        items = read_meta(meta, wanted=set(events["item"].unique().to_list()))
-    files = [reviews] + ([meta] if meta is not None else [])
-    return RawData(name=f"amazon2014-{category}", events=events, items=items, files=files, notes=notes)
+    return reviews_and_meta(f"amazon2014-{category}", reviews, meta, meta_file_name(category), read_reviews, read_meta)
 
 
 def read_reviews(path: Path) -> pl.DataFrame:

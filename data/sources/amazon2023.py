@@ -29,7 +29,6 @@ import gzip
 import io
 import json
 import re
-import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +37,7 @@ import polars as pl
 
 from data.download import fetch
 from data.sources.base import (
-    DataFormatError, RawData, conform_items, default_cache_dir, empty_items, find_file,
+    DataFormatError, RawData, conform_items, default_cache_dir, empty_items, find_file, reviews_and_meta,
 )
 
 # The release's host (links on amazon-reviews-2023.github.io and the Hugging Face card);
@@ -72,7 +71,6 @@ def load(category: str = "Musical_Instruments", path: str | Path | None = None,
     downloaded from ``base_url`` + ``review_categories/`` and ``meta_categories/`` into
     ``cache_dir/raw/amazon2023``. ``checksums``: file name -> sha256, verified after
     download (upstream publishes none for the .gz files, so none by default)."""
-    notes: list[str] = []
     if path is not None:
         path = Path(path)
         folder = path if path.is_dir() else path.parent
@@ -94,17 +92,7 @@ def load(category: str = "Musical_Instruments", path: str | Path | None = None,
         reviews = get(REVIEW_DIR, review_file_name(category))
         meta = get(META_DIR, meta_file_name(category)) if download_meta else None
 
-    events = read_reviews(reviews)
-    if meta is None:
-        note = (f"item text missing: no {meta_file_name(category)} beside {reviews}; items have ids only "
-                "(embeddings need text: add the meta file or use a source with item text)")
-        warnings.warn(note, stacklevel=2)
-        notes.append(note)
-        items = empty_items()
-    else:
-        items = read_meta(meta, wanted=set(events["item"].unique().to_list()))
-    files = [reviews] + ([meta] if meta is not None else [])
-    return RawData(name=f"amazon2023-{category}", events=events, items=items, files=files, notes=notes)
+    return reviews_and_meta(f"amazon2023-{category}", reviews, meta, meta_file_name(category), read_reviews, read_meta)
 
 
 # --------------------------------------------------------------------------------------------

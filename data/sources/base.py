@@ -70,6 +70,27 @@ def conform_items(items: pl.DataFrame) -> pl.DataFrame:
     ).unique("raw_id", keep="first", maintain_order=True)
 
 
+def reviews_and_meta(name: str, reviews: Path, meta: Path | None, meta_name: str,
+                     read_reviews, read_meta) -> RawData:
+    """An Amazon-style source from its review file and (optional) item metadata file: the
+    events, then the metadata of the items that occur in them (ids only, with a warning and a
+    note, when the metadata file is missing)."""
+    import warnings
+
+    notes: list[str] = []
+    events = read_reviews(reviews)
+    if meta is None:
+        note = (f"item text missing: no {meta_name} beside {reviews}; items have ids only "
+                "(embeddings need text: add the meta file or use a source with item text)")
+        warnings.warn(note, stacklevel=3)
+        notes.append(note)
+        items = empty_items()
+    else:
+        items = read_meta(meta, wanted=set(events["item"].unique().to_list()))
+    files = [reviews] + ([meta] if meta is not None else [])
+    return RawData(name=name, events=events, items=items, files=files, notes=notes)
+
+
 def read_bytes(path: Path) -> bytes:
     """Read a file, transparently un-gzipping ``.gz``; empty files are an error."""
     path = Path(path)

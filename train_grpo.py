@@ -1,0 +1,245 @@
+"""GRPO fine-tuning of a trained generative recommender (train_decoder.py's T5 or GPT).
+
+    python train_grpo.py configs/grpo_amazon.gin bench/configs/beauty_local.gin   # from the Beauty TIGER run
+
+Tiny CPU recipe (about a minute after the tiny decoder recipe):
+    python train_rqvae.py configs/tiny/rqvae_tiny.gin && python train_decoder.py configs/tiny/decoder_tiny.gin &&
+    python train_grpo.py configs/tiny/grpo_tiny.gin
+
+Reads top to bottom: dataset -> the SFT run's tokenizer and best-validation weights
+(``<sft_dir>/best.pt``, rebuilt with the SFT recipe's gin config, which the GRPO config
+includes) -> a frozen reference copy -> the SFT starting point's valid/test metrics -> the
+shared training loop (modules.training.train_loop: validation NDCG@10 every ``eval_every``
+steps, best/last checkpoints, early stopping, exact resume), where each step takes a batch of
+training windows (history -> target), draws a group of G candidate items per user from the
+current policy (trie-constrained sampling or constrained beam search: every candidate is a
+real item), scores them (rule / rank-aware / semantic rewards, summed) and minimises the GRPO
+loss (modules/grpo.py) -> test of the best-validation checkpoint. The last stdout line is one
+JSON object (train_decoder.py's keys, plus ``sft_valid`` / ``sft_test`` and the means over the
+training steps of the reward, the in-group hit rate (fraction of candidates that are the
+target), the fraction of groups holding it, KL, clip fraction and entropy).
+
+Departures from the papers (DeepSeekMath's GRPO, MiniOneRec):
+- One update per group (on-policy, as nanochat's RL script): the policy that drew the group
+  is the current one, so the ratio is exactly 1, the clip never binds (clip fraction 0) and the
+  surrogate's gradient is the REINFORCE gradient with group-normalised advantages. The clipped
+  objective is kept (modules/grpo.py takes any pi_old) for several updates per group, which
+  the shared loop (one optimiser step per batch) does not do yet.
+- Sequence-level, not token-level: one ratio per item from its summed code-token log-probs,
+  and the loss is the mean over the n x G candidates (every item has L tokens, so
+  DeepSeekMath's 1/|o| per-token normalisation is a constant factor).
+- KL: the k3 estimator ``exp(d) - d - 1`` per token, summed over the item's tokens, against
+  the frozen SFT model (DeepSeekMath's per-token estimator; the reference is never refreshed).
+  Its unbiasedness assumes samples from the policy itself; trie-constrained, tempered or
+  top-k samples (and beams) are not, so it is a penalty rather than an exact KL.
+- The ratio and KL use the model's unconstrained token probabilities, not the renormalised
+  trie-constrained ones the candidates were drawn from.
+- Advantages use the sample std (eps 1e-4); groups of equal rewards give 0 (no update).
+- Rank-aware reward: MiniOneRec's ranking penalty for the misses of groups that contain the
+  target, normalised over the group's misses (modules/rewards.py); samples are ranked by the
+  policy's sequence probability, beams by beam order.
+- Dropout is off throughout (policy and reference in eval mode), training in fp32; no
+  entropy bonus; the reward is computed from the leave-one-out training windows' next item.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import gin
+import numpy as np
+import torch
+
+import train_decoder  # noqa: F401 - registers train_decoder.* so the included SFT recipe parses
+from data.prepare import load_dataset, load_item_embeddings
+from modules.beam_search import PrefixTrie
+from modules.decoder_models import load_recommender, load_tokenizer
+from modules.evaluation import evaluate_generative, popularity_ranking, ranking_metrics
+from modules.grpo import grpo_batch_loss
+from modules.training import (
+    fingerprint, load_best, make_optimizer, parse_gin_cli, pick_device, print_result, seed_everything,
+    train_loop, warmup_cosine,
+)
+
+REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
+STAT_KEYS = ("reward", "hit_rate", "group_hit", "kl", "clip_fraction", "entropy")
+
+
+@gin.configurable
+def train_grpo(
+    sft_dir: str = "runs/decoder",  # a train_decoder.py out_dir (T5 or GPT) holding best.pt
+    tokenizer: str | None = None,  # None: the SFT recipe's train_decoder.tokenizer
+    out_dir: str = "runs/grpo",
+    candidates: str = "sample",  # "sample" (trie-constrained sampling) or "beam" (G distinct items)
+    group_size: int = 16,
+    temperature: float = 1.0,
+    top_k: int | None = None,  # sampling: keep the k most likely valid codes per level (None: all)
+    rewards: tuple = ("rule",),  # summed; any of "rule", "rank", "semantic"
+    alpha: float = 0.5,  # weight of the semantic reward
+    clip_eps: float = 0.2,
+    beta: float = 0.04,  # KL coefficient
+    batch_size: int = 32,  # users (training windows) per step; x group_size candidates
+    lr: float = 1e-5,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 20,
+    max_steps: int = 1_000,
+    max_train_minutes: float | None = None,
+    grad_clip: float = 1.0,
+    eval_every: int = 100,
+    eval_users: int | None = 2_000,  # validate on a fixed random N users (None: all); test uses all
+    eval_batch_size: int = 256,
+    beam_size: int = 20,
+    patience: int | None = 5,
+    log_every: int = 10,
+    seed: int = 42,
+    device: str = "auto",
+    resume: bool = True,
+    stop_after_steps: int | None = None,
+    wandb_mode: str = "offline",
+    wandb_project: str = "sidrec",
+    run_name: str | None = None,
+) -> dict:
+    t_start = time.time()
+    out = Path(out_dir)
+    if out.resolve() == Path(sft_dir).resolve():
+        raise ValueError(f"train_grpo.out_dir = {out_dir!r} is the SFT run's folder: a fresh run there would "
+                         "replace its best.pt; use another out_dir")
+    if candidates not in ("sample", "beam"):
+        raise ValueError(f"train_grpo.candidates must be 'sample' or 'beam', got {candidates!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    dev = pick_device(device)
+
+    dataset = load_dataset()
+    tok = load_tokenizer(tokenizer or sft_binding("train_decoder.tokenizer"), dataset)
+    model, layout, sft_state = load_recommender(sft_dir, dataset, tok)
+    model.to(dev)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    architecture = sft_state["architecture"]
+    item_codes = tok.item_codes.to(dev)
+    trie = PrefixTrie(item_codes, layout.codebook_sizes).to(dev)
+    use_user = layout.num_user_buckets > 0
+    embeddings = None
+    if "semantic" in rewards:
+        embeddings = torch.as_tensor(load_item_embeddings(dataset), device=dev)
+    # The run's inputs beyond its bindings: the SFT weights it starts from are one of them.
+    identity = {"dataset": dataset.fingerprint(), "item_codes": fingerprint(tok.item_codes, str(tok.codebook_sizes)),
+                "sft_weights": fingerprint(*sft_state["model"].values())}
+    train = dataset.train_examples()
+    valid, test = dataset.eval_examples("valid"), dataset.eval_examples("test")
+    optimizer = make_optimizer(model, lr, weight_decay)
+    scheduler = warmup_cosine(optimizer, warmup_steps, max_steps)
+    print(f"[grpo] {dataset.name}: {len(train):,} train windows, {architecture} from {sft_dir} (step "
+          f"{sft_state['step']}), {candidates} x {group_size}, rewards {'+'.join(rewards)} on {dev}", file=sys.stderr)
+
+    def evaluate(examples):
+        return evaluate_generative(model, examples, item_codes, layout, trie, beam_size=beam_size,
+                                   batch_size=eval_batch_size, use_user=use_user, device=dev)
+
+    sft = sft_metrics(out / "sft_metrics.json", identity["sft_weights"], lambda: (evaluate(valid), evaluate(test)))
+    history: list[dict] = []  # per-step statistics of this process's steps
+
+    def loss_fn(idx):
+        batch = train.batch(idx)
+        stats = grpo_batch_loss(
+            model, reference, layout, item_codes, trie, torch.as_tensor(batch.history, device=dev),
+            torch.as_tensor(batch.target, device=dev), torch.as_tensor(batch.user, device=dev) if use_user else None,
+            mode=candidates, group_size=group_size, rewards=rewards, temperature=temperature, top_k=top_k,
+            item_embeddings=embeddings, alpha=alpha, clip_eps=clip_eps, beta=beta)
+        history.append({k: getattr(stats, k) for k in STAT_KEYS})
+        step = scheduler.last_epoch + 1  # the loop steps the scheduler once per batch, after this call
+        if step % log_every == 0:
+            window = mean_stats(history[-log_every:])
+            print(f"[grpo] step {step}/{max_steps} " + " ".join(f"{k} {v:.4f}" for k, v in window.items()),
+                  file=sys.stderr, flush=True)
+        return stats.loss
+
+    loop, logger = train_loop(
+        model=model, optimizer=optimizer, scheduler=scheduler, num_examples=len(train), batch_size=batch_size,
+        loss_fn=loss_fn, validate=lambda: evaluate(valid.sample(eval_users, seed)), out_dir=out,
+        max_steps=max_steps, eval_every=eval_every, seed=seed, grad_clip=grad_clip, patience=patience,
+        max_train_minutes=max_train_minutes, stop_after_steps=stop_after_steps, log_every=log_every,
+        resume=resume, wandb_mode=wandb_mode, wandb_project=wandb_project, run_name=run_name, identity=identity,
+        script="train_grpo", desc="grpo", best_payload={"layout": layout.to_dict(), "architecture": architecture})
+    train_stats = {f"train_{k}": v for k, v in mean_stats(history).items()}
+    if history:  # the in-group hit rate of the first and the last log window of this process
+        train_stats["hit_rate_first"] = mean_stats(history[:log_every])["hit_rate"]
+        train_stats["hit_rate_last"] = mean_stats(history[-log_every:])["hit_rate"]
+    logger.summary(train_stats)
+    if not loop.finished:  # stopped on purpose (stop_after_steps): resume later from last.pt
+        logger.finish()
+        result = {"stopped_at_step": loop.step, "checkpoint": str(out / "last.pt"), **train_stats}
+        print_result(result)
+        return result
+
+    # ---- test the best-validation checkpoint
+    load_best(model, out, identity, "train_grpo")
+    valid_metrics, test_metrics = evaluate(valid), evaluate(test)
+    popular = popularity_ranking(dataset.train_item_counts(), len(test), 10)
+    pop_metrics = ranking_metrics(popular, test.target, ks=(1, 5, 10))
+    result = {
+        "dataset": dataset.name,
+        "architecture": architecture,
+        "candidates": candidates,
+        "group_size": group_size,
+        "rewards": list(rewards),
+        "valid": {k: valid_metrics[k] for k in REPORT_KEYS},
+        "test": {k: test_metrics[k] for k in REPORT_KEYS},
+        "sft_valid": {k: sft["valid"][k] for k in REPORT_KEYS},
+        "sft_test": {k: sft["test"][k] for k in REPORT_KEYS},
+        "popularity": {k: pop_metrics[k] for k in REPORT_KEYS},
+        **train_stats,
+        "steps": loop.step,
+        "best_step": loop.best_step,
+        "train_seconds": round(loop.train_seconds, 1),
+        "eval_users_per_second": round(test_metrics["users_per_second"], 1),
+        "beam_size": beam_size,
+        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        "seconds": round(time.time() - t_start, 1),
+    }
+    logger.summary({f"test/{k}": v for k, v in result["test"].items()})
+    logger.finish()
+    print_result(result, out)
+    return result
+
+
+def sft_binding(name: str):
+    """A binding of the included SFT recipe, macros (``%RQVAE_DIR``) resolved."""
+    value = gin.query_parameter(name)
+    while isinstance(value, gin.config.ConfigurableReference) and value.scoped_selector.endswith("gin.macro"):
+        value = gin.query_parameter("%" + value.scoped_selector.split("/")[0])
+    return value
+
+
+def mean_stats(rows: list[dict]) -> dict:
+    return {k: float(np.mean([r[k] for r in rows])) for k in STAT_KEYS} if rows else {}
+
+
+def sft_metrics(path: Path, weights: str, compute) -> dict:
+    """The SFT model's valid/test metrics, computed once per starting point and kept in ``path``:
+    a resumed run does not pay for a second full test (minutes on Beauty)."""
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("sft_weights") == weights:
+            return stored
+    except (OSError, ValueError):
+        pass
+    valid, test = compute()
+    record = {"sft_weights": weights, "valid": valid, "test": test}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")
+    tmp.replace(path)
+    return record
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parse_gin_cli(argv, __doc__)
+    return train_grpo()
+
+
+if __name__ == "__main__":
+    main()
