@@ -24,16 +24,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.prepare import load_dataset, load_item_embeddings
+from modules.plots import plot_group_sizes
 from modules.quantizers.fsq import FSQConfig, FSQTokenizer
 from modules.quantizers.rqkmeans import RQKMeans, RQKMeansConfig
 from modules.quantizers.rqvae import RQVAE, RQVAEConfig
 from modules.semantic_ids import (
-    SemanticIdTokenizer, add_dedup_level, codebook_perplexity, codebook_usage, collision_stats,
-    plot_codebook_usage,
+    SemanticIdTokenizer, add_dedup_level, codebook_perplexity, codebook_usage, collision_group_sizes,
+    collision_stats, plot_codebook_usage,
 )
 from modules.training import (
-    batch_indices, fingerprint, load_checkpoint, make_logger, make_optimizer, parse_gin_cli, pick_device,
-    print_result, save_checkpoint, seed_everything, warmup_cosine,
+    ProgressLine, batch_indices, fingerprint, load_checkpoint, make_logger, make_optimizer, parse_gin_cli,
+    pick_device, print_result, save_checkpoint, seed_everything, warmup_cosine,
 )
 
 for _cfg in (RQVAEConfig, RQKMeansConfig, FSQConfig):
@@ -131,6 +132,7 @@ def train_rqvae(
         model.train()
         stop_at = max_steps if stop_after_steps is None else min(max_steps, step + stop_after_steps)
         bar = tqdm(total=max_steps, initial=step, desc="rqvae", disable=None, file=sys.stderr)
+        progress, t_train = ProgressLine("rqvae", max_steps, batch_size, step, enabled=bar.disable), time.time()
         batches = batch_indices(len(emb), batch_size, seed, start_step=step)
         while step < stop_at:
             step, _, idx = next(batches)
@@ -148,6 +150,8 @@ def train_rqvae(
                             "train/quant_loss": output.quant_loss.item(), "train/temperature": tau,
                             "train/lr": scheduler.get_last_lr()[0]}, step=step)
                 bar.set_postfix(loss=f"{output.loss.item():.4f}")
+            if progress.due():
+                progress.print(step, output.loss.item(), time.time() - t_train)
             if step % eval_every == 0 or step == max_steps:
                 m = tokenizer_metrics(model, emb)
                 logger.log({"eval/collision_rate": m["collision_rate"], "eval/max_group": m["max_group"],
@@ -184,6 +188,8 @@ def train_rqvae(
     tokenizer.save_pretrained(out / "tokenizer")
     plot = plot_codebook_usage(m["codes"].cpu(), model.codebook_sizes, out / "codebook_usage.png")
     logger.log_image("codebook_usage", plot, step=step)
+    groups = plot_group_sizes(collision_group_sizes(m["codes"].cpu()), out / "collision_groups.png")
+    logger.log_image("collision_groups", groups, step=step)
     result = {
         "dataset": dataset.name,
         "quantizer": type(model).__name__,

@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import uuid
-import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +27,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from modules.plots import draw_text, write_png
 from modules.quantizers.fsq import FSQConfig, FSQTokenizer
 from modules.quantizers.rqkmeans import RQKMeans, RQKMeansConfig
 from modules.quantizers.rqvae import RQVAE, RQVAEConfig
@@ -80,6 +79,11 @@ def add_dedup_level(codes: Tensor, max_size: int | None = None) -> Tensor:
     rank = torch.empty_like(group)
     rank[order] = torch.arange(n, device=codes.device) - starts[group[order]]
     return torch.cat([codes, rank[:, None]], 1)
+
+
+def collision_group_sizes(codes: Tensor) -> list[int]:
+    """The size of every group of items that share a full code row (1: a unique ID)."""
+    return _groups(_check_codes(codes))[1].tolist()
 
 
 def collision_stats(codes: Tensor) -> dict:
@@ -382,35 +386,6 @@ class SemanticIdTokenizer(nn.Module, ModelHubMixin, library_name="sidrec", tags=
 
 # ----------------------------------------------------------------------------- plot
 
-# 3x5 pixel glyphs (rows top to bottom) for the panel titles; matplotlib is not a dependency.
-_GLYPHS = {
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", "L": "100100100100111", "/": "001001010100100",
-    " ": "000000000000000", "u": "000101101101111", "s": "000011110011110", "e": "010101111100011",
-    "d": "001011101101011", "m": "000110111101101", "a": "000110011101011", "x": "000101010101101",
-}
-
-
-def _draw_text(img: np.ndarray, text: str, y: int, x: int, scale: int = 2, color=(0, 0, 0)) -> None:
-    for ch in text:
-        bits = np.array([int(b) for b in _GLYPHS.get(ch, _GLYPHS[" "])], dtype=bool).reshape(5, 3)
-        mask = bits.repeat(scale, 0).repeat(scale, 1)
-        img[y : y + 5 * scale, x : x + 3 * scale][mask] = color
-        x += 4 * scale
-
-
-def _png_bytes(rgb: np.ndarray) -> bytes:
-    """Minimal PNG encoder: 8-bit RGB, filter 0 on every row, one zlib IDAT chunk."""
-    h, w, _ = rgb.shape
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], 1).tobytes()
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-
 
 def plot_codebook_usage(codes: Tensor, codebook_sizes: Sequence[int], path: str | Path, width: int = 768) -> Path:
     """PNG with one bar chart per level: number of items per code (x = code index, bar height
@@ -423,7 +398,7 @@ def plot_codebook_usage(codes: Tensor, codebook_sizes: Sequence[int], path: str 
     for level, cnt in enumerate(counts):
         k = len(cnt)
         top = level * step + margin
-        _draw_text(img, f"L{level} used {(cnt > 0).sum()}/{k} max {cnt.max()}", top, margin)
+        draw_text(img, f"L{level} used {(cnt > 0).sum()}/{k} max {cnt.max()}", top, margin)
         base = top + title_h + panel_h  # first row below the bars
         starts = (np.arange(width) * k) // width  # first code shown in each pixel column
         tall = np.maximum.reduceat(cnt, starts)
@@ -438,6 +413,4 @@ def plot_codebook_usage(codes: Tensor, codebook_sizes: Sequence[int], path: str 
         img[base, margin : margin + width] = (120, 120, 120)
         img[base + 1 : base + 4, margin : margin + width][:, unused] = (220, 30, 30)
     path = Path(path)
-    data = _png_bytes(img)
-    _atomic_write(path, lambda p: Path(p).write_bytes(data))
-    return path
+    return write_png(img, path)

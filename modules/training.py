@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from data.sources.base import default_cache_dir
+from modules.plots import plot_curves
 
 # ----------------------------------------------------------------------------- gin CLI
 
@@ -428,6 +429,35 @@ def make_logger(wandb_mode: str, project: str, name: str | None, directory: str 
     return WandbLogger(project, name, {"gin": resolved_config()}, wandb_mode, directory, resume_id)
 
 
+class ProgressLine:
+    """Plain progress lines for logs without a terminal (CI, nohup, a cluster log), where the
+    tqdm bar is off: one line at least every ``every`` seconds (checked after each step) with
+    the step, examples/s since the last line, the loss, and the time left to the end or to
+    the time cap, whichever comes first."""
+
+    def __init__(self, desc: str, max_steps: int, batch_size: int, step: int = 0, every: float = 30.0,
+                 cap_minutes: float | None = None, enabled: bool = True):
+        self.desc, self.max_steps, self.batch_size, self.every = desc, max_steps, batch_size, every
+        self.cap_seconds = None if cap_minutes is None else 60 * cap_minutes
+        self.enabled = enabled
+        self.last_time, self.last_step = time.time(), step
+
+    def due(self) -> bool:
+        return self.enabled and time.time() - self.last_time >= self.every
+
+    def print(self, step: int, loss: float, elapsed: float, extra: str = "") -> None:
+        """``elapsed``: training seconds so far (all runs of the out_dir, as the cap counts them)."""
+        now = time.time()
+        per_step = (now - self.last_time) / max(1, step - self.last_step)
+        left = (self.max_steps - step) * per_step
+        if self.cap_seconds is not None:
+            left = min(left, max(0.0, self.cap_seconds - elapsed))
+        rate = self.batch_size / max(per_step, 1e-9)
+        print(f"[{self.desc}] step {step}/{self.max_steps} loss {loss:.4f} {rate:,.0f} examples/s "
+              f"{elapsed / 60:.1f} min, ~{left / 60:.1f} min left{extra}", file=sys.stderr, flush=True)
+        self.last_time, self.last_step = now, step
+
+
 # ----------------------------------------------------------------------------- the shared loop
 
 
@@ -472,12 +502,16 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     step, best, best_step, bad_evals, train_seconds, run_id, saved_step = 0, -1.0, 0, 0, 0.0, None, None
+    # (step, value) pairs of the logged training loss and of the validation metric, kept in
+    # last.pt so that a resumed run's plot (out_dir/training_curves.png) shows the whole run.
+    curves: dict[str, list[tuple[int, float]]] = {"loss": [], metric: []}
     if resume and last_path.exists():
         state = load_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler,
                                 identity=identity, script=script)
         step = saved_step = state["step"]
         best, best_step, bad_evals, train_seconds, run_id = (
             state["extra"][k] for k in ("best", "best_step", "bad_evals", "train_seconds", "wandb_id"))
+        curves = state["extra"].get("curves", curves)
         print(f"[{desc}] resumed from {last_path} at step {step} (best {metric} {best:.4f})", file=sys.stderr)
     elif best_path.exists():  # a fresh run must never be tested with an earlier run's weights
         best_path.unlink()
@@ -490,7 +524,13 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
         saved_step = step
         save_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
                         extra={"best": best, "best_step": best_step, "bad_evals": bad_evals,
-                               "train_seconds": train_seconds, "wandb_id": run_id}, identity=identity)
+                               "train_seconds": train_seconds, "wandb_id": run_id, "curves": curves},
+                        identity=identity)
+
+    def plot() -> None:
+        path = plot_curves([(f"train loss every {log_every} steps", *_unzip(curves["loss"])),
+                            (f"valid {metric}", *_unzip(curves[metric]))], out_dir / "training_curves.png")
+        logger.log_image("training_curves", path, step=step)
 
     def out_of_time(seconds: float) -> bool:
         return max_train_minutes is not None and seconds >= 60 * max_train_minutes
@@ -502,6 +542,7 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
     done = step > 0 and (out_of_patience() or out_of_time(train_seconds))
     stop_at = max_steps if stop_after_steps is None else min(max_steps, step + stop_after_steps)
     bar = tqdm(total=max_steps, initial=step, desc=desc, disable=None, file=sys.stderr)
+    progress = ProgressLine(desc, max_steps, batch_size, step, cap_minutes=max_train_minutes, enabled=bar.disable)
     batches = batch_indices(num_examples, batch_size, seed, start_step=step)
     # Summed on the device so that checking it costs no host sync per step (only when logging
     # or validating): a non-finite loss anywhere since the last check makes it non-finite.
@@ -534,13 +575,14 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
         if step % log_every == 0:
             check_finite(epoch)
             last_check = step
+            curves["loss"].append((step, loss.item()))
             logger.log({"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
                         "train/lr": scheduler.get_last_lr()[0]}, step=step)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
-            if bar.disable:  # no TTY (a log file, CI): a plain line instead of the bar
-                elapsed = train_seconds + time.time() - t_seg
-                print(f"[{desc}] step {step}/{max_steps} epoch {epoch} loss {loss.item():.3f} "
-                      f"({elapsed / 60:.1f} min)", file=sys.stderr, flush=True)
+        if progress.due():
+            check_finite(epoch)
+            last_check = step
+            progress.print(step, loss.item(), train_seconds + time.time() - t_seg, f", epoch {epoch}")
         timed_out = out_of_time(train_seconds + time.time() - t_seg)
         if step % eval_every == 0 or step == max_steps or timed_out:
             check_finite(epoch)
@@ -548,6 +590,7 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
             metrics = validate()
             model.train()
             logger.log({f"valid/{k}": v for k, v in metrics.items()}, step=step)
+            curves[metric].append((step, float(metrics[metric])))
             improved = metrics[metric] > best
             if improved:
                 best, best_step, bad_evals = metrics[metric], step, 0
@@ -562,6 +605,7 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
             train_seconds += time.time() - t_seg
             t_seg = time.time()
             save_last()
+            plot()
     if step > last_check:
         check_finite(epoch)
     train_seconds += time.time() - t_seg
@@ -570,6 +614,10 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
     if not finished:
         save_last()
     return LoopResult(step, finished, best, best_step, train_seconds), logger
+
+
+def _unzip(pairs: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def load_best(model: torch.nn.Module, out_dir: str | Path, identity: dict[str, str] | None = None,

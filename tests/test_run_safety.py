@@ -192,3 +192,17 @@ def test_auto_precision_without_measurement(cache):
     assert autocast_dtype(torch.device("cpu"), "fp32", benchmark) is None and not calls
     with pytest.raises(ValueError, match="precision"):
         autocast_dtype(torch.device("cpu"), "fp16")
+
+
+def test_progress_line_known_answer(capsys, monkeypatch):
+    from modules import training
+
+    clock = iter([100.0, 100.0, 130.0, 130.0])
+    monkeypatch.setattr(training.time, "time", lambda: next(clock))
+    line = training.ProgressLine("dec", max_steps=100, batch_size=64, step=10, every=30.0, cap_minutes=2.0)
+    assert not line.due() and line.due()  # 0 s, then 30 s after the last line
+    # 10 steps in 30 s: 3 s a step, 64 / 3 examples/s; 90 steps left = 4.5 min, but the cap
+    # (2 min, 1.5 min already spent) leaves 0.5 min.
+    line.print(20, 1.23456, elapsed=90.0)
+    err = capsys.readouterr().err
+    assert err.strip() == "[dec] step 20/100 loss 1.2346 21 examples/s 1.5 min, ~0.5 min left"

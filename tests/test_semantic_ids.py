@@ -273,3 +273,20 @@ def test_plot_codebook_usage_draws_bars_in_proportion(tmp_path):
     assert heights == [100, 50, 25, 0]
     assert red[: img.shape[0] // 2, 8 + 350].any() and not red[: img.shape[0] // 2, 8 + 50].any()
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_plot_group_sizes_and_curves(tmp_path):
+    from modules.plots import plot_curves, plot_group_sizes
+    from modules.semantic_ids import collision_group_sizes
+
+    codes = torch.tensor([[0, 0]] * 3 + [[0, 1]] * 3 + [[1, 1]])  # groups of 3, 3 and 1
+    assert sorted(collision_group_sizes(codes)) == [1, 3, 3]
+    img = read_png(plot_group_sizes(collision_group_sizes(codes), tmp_path / "groups.png", width=300))
+    blue = (img == [40, 90, 200]).all(-1).sum(0)  # size 1: 1 item; size 3: 6 items (red)
+    red = (img == [220, 30, 30]).all(-1).sum(0)
+    assert red.max() == 120 and blue.max() == 20  # bars in proportion to items: 6 -> 120 px, 1 -> 20
+    img = read_png(plot_curves([("loss", [0, 10], [2.0, 1.0]), ("valid", [], [])], tmp_path / "c.png", width=100))
+    curve = (img == [40, 90, 200]).all(-1)
+    assert curve[:, 8].any() and curve[:, 107].any() and list(tmp_path.iterdir()) != []
+    top_left = np.flatnonzero(curve[:, 8])[0]
+    assert top_left < np.flatnonzero(curve[:, 107])[0]  # the loss falls from left to right

@@ -33,6 +33,7 @@ def test_decoder_end_to_end_and_exact_resume(setup, tmp_path):
         assert all(0 <= v <= 1 for v in full[split].values())
     assert 0 <= full["invalid_rate"] <= 1 and full["eval_users_per_second"] > 0 and full["device"] == "cpu"
     assert full["test"]["recall@10"] >= full["test"]["ndcg@10"]
+    assert (tmp_path / "full" / "training_curves.png").read_bytes().startswith(b"\x89PNG")
     part = run(setup, tmp_path / "split", "train_decoder.stop_after_steps = 25")
     assert part["stopped_at_step"] == 25
     resumed = run(setup, tmp_path / "split")

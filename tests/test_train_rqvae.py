@@ -54,6 +54,7 @@ def test_tiny_rqvae_end_to_end(tiny_run):
     assert tok.item_codes.shape == (60, 4)
     assert len({tuple(r) for r in tok.item_codes.tolist()}) == 60
     assert (out / "codebook_usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "collision_groups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_tiny_recipe_does_not_collapse_on_fixture(tiny_run):
