@@ -34,11 +34,21 @@ from modules.semantic_ids import (
 )
 from modules.training import (
     ProgressLine, batch_indices, fingerprint, load_checkpoint, make_logger, make_optimizer, parse_gin_cli,
-    pick_device, print_result, save_checkpoint, seed_everything, warmup_cosine,
+    pick_device, print_result, resolved_config, save_checkpoint, seed_everything, warmup_cosine,
 )
 
 for _cfg in (RQVAEConfig, RQKMeansConfig, FSQConfig):
     gin.external_configurable(_cfg)
+
+
+def tokenizer_card(result: dict, command: str, config: str) -> str:
+    """Markdown for the tokenizer's README.md: dataset, quality figures, how to load, provenance."""
+    keys = ("collision_rate", "max_group", "codebook_usage", "codebook_perplexity", "recon_loss", "selected_step")
+    figures = "\n".join(f"- {k}: {result[k]}" for k in keys if k in result)
+    return (f"- dataset: `{result['dataset']}` ({result['num_items']:,} items); quantizer: {result['quantizer']}\n"
+            f"{figures}\n\nLoad it: `SemanticIdTokenizer.from_pretrained('<this repo id or folder>')` (sidrec), "
+            f"or pass it as `train_decoder.tokenizer`.\n\n## How it was made\n\n```\n{command}\n```\n\n"
+            f"Gin config:\n\n```\n{config.rstrip()}\n```")
 
 
 @torch.no_grad()
@@ -185,7 +195,6 @@ def train_rqvae(
     dedup_level_size = dedup_size or int(item_codes[:, -1].max()) + 1
     tokenizer = SemanticIdTokenizer(model.cpu(), item_codes, codebook_sizes=list(model.codebook_sizes) +
                                     [dedup_level_size], raw_ids=dataset.items["raw_id"].to_list())
-    tokenizer.save_pretrained(out / "tokenizer")
     plot = plot_codebook_usage(m["codes"].cpu(), model.codebook_sizes, out / "codebook_usage.png")
     logger.log_image("codebook_usage", plot, step=step)
     groups = plot_group_sizes(collision_group_sizes(m["codes"].cpu()), out / "collision_groups.png")
@@ -207,6 +216,9 @@ def train_rqvae(
         "device": str(dev),
         "seconds": round(time.time() - t_start, 2),
     }
+    # The model card of the saved (and pushed) tokenizer: what made it and how good it is.
+    tokenizer.card_details = tokenizer_card(result, " ".join(["python", *sys.argv]), resolved_config())
+    tokenizer.save_pretrained(out / "tokenizer")
     logger.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
     logger.finish()
     if push_to_hub:

@@ -260,6 +260,7 @@ class SemanticIdTokenizer(nn.Module, ModelHubMixin, library_name="sidrec", tags=
             raise ValueError(f"raw_ids: {len(raw_ids)} ids for {len(item_codes)} items")
         self.raw_ids = list(raw_ids) if raw_ids is not None else None
         self._table: ItemCodeTable | None = None
+        self.card_details = ""  # markdown appended to the saved README.md (the run that made it)
 
     @property
     def num_items(self) -> int:
@@ -312,6 +313,7 @@ class SemanticIdTokenizer(nn.Module, ModelHubMixin, library_name="sidrec", tags=
             f"# Semantic-ID tokenizer ({self.kind or 'code table only'})\n\n"
             f"{self.num_items} items, {self.item_codes.shape[1]} codes per item, "
             f"codebook sizes {self.codebook_sizes}. Saved by sidrec (`SemanticIdTokenizer.from_pretrained`).\n"
+            + (f"\n{self.card_details.strip()}\n" if self.card_details else "")
         )
         _write_text(save_directory / "README.md", card)
         # Written last: the mixin only writes its own config.json if this one is missing.

@@ -101,7 +101,7 @@ def run_loop(out, loss_fn, **kw):
     model = Linear()
     opt = make_optimizer(model, 0.1, 0.0)
     args = dict(model=model, optimizer=opt, scheduler=warmup_cosine(opt, 1, 100), num_examples=50, batch_size=5,
-                loss_fn=loss_fn(model), validate=lambda: {"ndcg@10": float(-model.w.sum())}, out_dir=out,
+                loss_fn=loss_fn(model), validate=lambda: {"ndcg@10": float(-model.w.detach().sum())}, out_dir=out,
                 max_steps=100, eval_every=10, seed=0, log_every=1000)
     args.update(kw)
     return model, train_loop(**args)

@@ -55,6 +55,8 @@ def test_tiny_rqvae_end_to_end(tiny_run):
     assert len({tuple(r) for r in tok.item_codes.tolist()}) == 60
     assert (out / "codebook_usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "collision_groups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (out / "tokenizer" / "README.md").read_text()  # the model card pushed with it
+    assert f"collision_rate: {res['collision_rate']}" in card and "train_rqvae.max_steps" in card
 
 
 def test_tiny_recipe_does_not_collapse_on_fixture(tiny_run):
