@@ -8,6 +8,8 @@ first position counts.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -103,6 +105,25 @@ class MetricAccumulator:
         return {key: s / self.count for key, s in zip(_keys(self.ks), self._sums)}
 
 
+class UsersProgress:
+    """A plain line at least every ``every`` seconds while users are evaluated, when stderr is
+    not a terminal (CI, nohup, cluster logs): testing 22k Beauty users takes minutes."""
+
+    def __init__(self, total: int, desc: str = "eval", every: float = 30.0):
+        self.total, self.desc, self.every = total, desc, every
+        self.enabled = not sys.stderr.isatty()
+        self.start = self.last = time.time()
+
+    def update(self, done: int) -> None:
+        now = time.time()
+        if not self.enabled or now - self.last < self.every or done >= self.total:
+            return
+        rate = done / max(now - self.start, 1e-9)
+        print(f"[{self.desc}] {done:,}/{self.total:,} users, {rate:,.0f} users/s, "
+              f"~{(self.total - done) / max(rate, 1e-9) / 60:.1f} min left", file=sys.stderr, flush=True)
+        self.last = now
+
+
 def popularity_ranking(
     train_item_counts: np.ndarray,
     n_users: int,
@@ -184,14 +205,13 @@ def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie,
     Returns the metrics plus ``users`` and ``users_per_second``. Beams are ranked in fp32
     whatever precision the model trained in (see modules/beam_search.py).
     """
-    import time
-
-    from modules.beam_search import beam_search
+    from modules.beam_search import beam_search  # beam_search imports modules.tokens, not this module
 
     was_training = model.training
     model.eval()
     n = len(examples.target)
     acc, invalid, t0 = MetricAccumulator(ks), 0.0, time.perf_counter()
+    progress = UsersProgress(n)
     for start in range(0, n, batch_size):
         sl = slice(start, min(n, start + batch_size))
         user = torch.as_tensor(examples.user[sl], device=device) if use_user else None
@@ -199,6 +219,7 @@ def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie,
         out = beam_search(model, input_ids, mask, trie, layout, beam_size=beam_size, top_k=top_k,
                           unconstrained=unconstrained)
         acc.update(out.items, torch.as_tensor(examples.target[sl], device=device))
+        progress.update(sl.stop)
         if unconstrained:
             invalid += out.invalid_rate * (sl.stop - sl.start)
     seconds = time.perf_counter() - t0
@@ -222,17 +243,17 @@ def evaluate_exact_topk(model, examples, *, top_k: int = 10, batch_size: int = 2
     ``examples``: ``data.dataset.Examples``. No item is excluded (the generative models'
     beam search excludes none either). Returns the metrics plus ``users`` and ``users_per_second``.
     """
-    import time
-
     was_training = model.training
     model.eval()
     n = len(examples.target)
     acc, t0 = MetricAccumulator(ks), time.perf_counter()
+    progress = UsersProgress(n)
     for start in range(0, n, batch_size):
         sl = slice(start, min(n, start + batch_size))
         scores = model.scores(torch.as_tensor(examples.history[sl], device=device)).float()
         acc.update(scores.topk(min(top_k, scores.shape[1]), dim=1).indices,
                    torch.as_tensor(examples.target[sl], device=device))
+        progress.update(sl.stop)
     seconds = time.perf_counter() - t0
     model.train(was_training)
     result = acc.compute()

@@ -445,3 +445,17 @@ def test_evaluate_generative_constrained_vs_unconstrained(batch_size):
     # beam_search takes each batch's rate in float32, hence 1e-6.
     assert free["invalid_rate"] == pytest.approx(12 / 70, abs=1e-6)
     assert free["users"] == 7
+
+
+def test_users_progress_prints_every_interval_without_a_terminal(capsys, monkeypatch):
+    from modules import evaluation
+
+    clock = iter([0.0, 10.0, 30.0, 45.0, 70.0])
+    monkeypatch.setattr(evaluation.time, "time", lambda: next(clock))
+    progress = evaluation.UsersProgress(1000, "eval")
+    progress.enabled = True
+    progress.update(100)  # t=10: too soon
+    progress.update(300)  # t=30: 300 users in 30 s = 10 users/s, 700 left = 70 s
+    progress.update(400)  # t=45: 15 s after the last line
+    progress.update(1000)  # t=70: done, no line
+    assert capsys.readouterr().err.splitlines() == ["[eval] 300/1,000 users, 10 users/s, ~1.2 min left"]

@@ -40,7 +40,7 @@ from modules.actionpiece.features import item_features_from_embeddings
 from modules.actionpiece.segment import fuse_beams
 from modules.actionpiece.tokenizer import ActionPieceTokenizer
 from modules.beam_search import beam_search_tokens
-from modules.evaluation import MetricAccumulator
+from modules.evaluation import MetricAccumulator, UsersProgress
 from modules.tokens import BOS, EOS, NUM_SPECIAL, PAD
 
 IGNORE = -100  # label padding, ignored by the loss
@@ -259,11 +259,13 @@ def evaluate_actionpiece(model, tok: ActionPieceTokenizer, layout: ActionPieceLa
     workers = 1 if device.type != "cpu" else threads
     try:
         torch.set_num_threads(1 if workers > 1 else threads)
+        progress = UsersProgress(n, "actionpiece eval")
         with ThreadPoolExecutor(workers) as pool:
             for b, (official, lenient, e, bad, phantom) in enumerate(pool.map(run_batch, range(len(starts)))):
                 target = examples.target[starts[b]: starts[b] + len(official)]
                 acc["official"].update(official, target)
                 acc["lenient"].update(lenient, target)
+                progress.update(starts[b] + len(official))
                 empty, invalid, no_item = empty + e, invalid + bad, no_item + phantom
     finally:
         torch.set_num_threads(threads)
