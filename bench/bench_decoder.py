@@ -10,6 +10,7 @@ and the peak RSS (after beam 20, after beam 50, and at the end: they run in that
 idle the machine's CPUs were just before and after (other processes distort CPU timings).
 
     python bench/bench_decoder.py [--device cpu|cuda] [--batch-size 256] [--users 256]
+    python bench/bench_decoder.py --prune-after 2 --keep-ratio 0.333   # with RASTP token pruning
 
 The last stdout line is one JSON object.
 """
@@ -168,6 +169,9 @@ def main(argv=None) -> dict:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="training autocast (auto: bf16 on CUDA, fp32 on a CPU; train_decoder measures both "
                         "instead). Beam search always ranks in fp32, whatever this says")
+    p.add_argument("--prune-after", type=int, default=None,
+                   help="RASTP: prune the encoder sequence after this encoder layer (1-based; default off)")
+    p.add_argument("--keep-ratio", type=float, default=0.333, help="RASTP: share of real tokens kept")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -189,7 +193,8 @@ def main(argv=None) -> dict:
     layout = TokenLayout(sizes, num_user_buckets=2000)
     trie = PrefixTrie(item_codes, sizes).to(device)
     num_items = item_codes.shape[0]
-    model = T5(T5Config(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size)).to(device)
+    model = T5(T5Config(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size,
+                        prune_after_layer=args.prune_after, keep_ratio=args.keep_ratio)).to(device)
 
     def make_inputs(n):
         history = torch.randint(0, num_items, (n, args.history), generator=g)
@@ -202,7 +207,8 @@ def main(argv=None) -> dict:
               "autocast": str(amp).replace("torch.", "") if amp is not None else "fp32",
               "cpu_idle_percent_before": cpu_idle_percent(), "items": num_items,
               "params": sum(p.numel() for p in model.parameters()),
-              "history_tokens": beam_batches[0][0].shape[1], "users_per_call": args.users}
+              "history_tokens": beam_batches[0][0].shape[1], "users_per_call": args.users,
+              "prune_after_layer": args.prune_after, "keep_ratio": args.keep_ratio if args.prune_after else None}
     # Beam 20 first, so that the peak RSS read after it is its own (ru_maxrss only grows).
     result["beam20_users_per_second"] = bench_beam(model, beam_batches, trie, layout, 20, 10, device, args.beam_calls)
     result["beam20_peak_rss_mb"] = peak_rss_mb()

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modules.quantizers.sinkhorn import sinkhorn_assign
+
 
 def sq_distances(x: Tensor, c: Tensor, x_sq: Tensor | None = None) -> Tensor:
     """Squared euclidean distances (N, K) via one matmul (cdist is slower and not needed here).
@@ -90,11 +92,14 @@ def kmeans(
     num_iters: int = 20,
     generator: torch.Generator | None = None,
     balanced: bool = False,
+    sinkhorn: tuple[float, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Greedy k-means++ seeding (greedy_kmeanspp) + Lloyd iterations. Returns (centroids (k, D), assignment (N,)).
 
     The returned assignment is recomputed against the returned centroids, so for
-    balanced=False it equals the nearest-centroid codes. Empty clusters are re-seeded with
+    balanced=False and sinkhorn=None it equals the nearest-centroid codes. `sinkhorn`
+    = (epsilon, iters) assigns by `sinkhorn.sinkhorn_assign` (near-uniform cluster sizes)
+    instead; it takes precedence over balanced. Empty clusters are re-seeded with
     the points farthest from their centroid (deterministic, and it splits big clusters).
     With fewer than k points some centroids are duplicates (those codes stay unused).
     """
@@ -107,7 +112,10 @@ def kmeans(
 
     def assign_to(c: Tensor) -> tuple[Tensor, Tensor]:
         dist = sq_distances(x, c, x_sq)
-        a = balanced_assign(dist) if balanced else dist.argmin(1)
+        if sinkhorn is not None:
+            a = sinkhorn_assign(dist, *sinkhorn)
+        else:
+            a = balanced_assign(dist) if balanced else dist.argmin(1)
         return a, dist.gather(1, a[:, None]).squeeze(1)
 
     assign = None
@@ -139,6 +147,11 @@ class RQKMeansConfig:
     # levels: there the residuals are close to isotropic noise and plain k-means tends to put
     # most points on one near-zero centroid.
     balanced: bool = False
+    # LC-Rec-style Sinkhorn-Knopp assignment of the last level at fit time (near-uniform
+    # code counts, see modules/quantizers/sinkhorn.py); overrides `balanced` on that level.
+    sinkhorn_last_level: bool = False
+    sinkhorn_epsilon: float = 0.003
+    sinkhorn_iters: int = 100
     seed: int = 0
     input_dim: int | None = None
 
@@ -167,8 +180,9 @@ class RQKMeans(nn.Module):
     def fit(self, x: Tensor) -> Tensor:
         """Fit all levels on x (N, D); returns the codes (N, L) of x.
 
-        Deterministic given config.seed. With balanced=True the returned codes follow the
-        capacity constraint, so they can differ from `encode(x)` (plain nearest centroid).
+        Deterministic given config.seed. With balanced=True (or sinkhorn_last_level) the
+        returned codes follow the capacity constraint (the Sinkhorn plan), so they can differ
+        from `encode(x)` (plain nearest centroid).
         """
         c = self.config
         if x.ndim != 2:
@@ -177,8 +191,11 @@ class RQKMeans(nn.Module):
         gen = torch.Generator().manual_seed(c.seed)
         residual = self._prepare(x)
         centroids, codes = [], []
-        for _ in range(c.num_levels):
-            cent, assign = kmeans(residual, c.codebook_size, c.num_iters, gen, c.balanced)
+        for level in range(c.num_levels):
+            sinkhorn = None
+            if c.sinkhorn_last_level and level == c.num_levels - 1:
+                sinkhorn = (c.sinkhorn_epsilon, c.sinkhorn_iters)
+            cent, assign = kmeans(residual, c.codebook_size, c.num_iters, gen, c.balanced, sinkhorn)
             residual = residual - cent[assign]
             centroids.append(cent)
             codes.append(assign)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.quantizers.rqkmeans import kmeans
+from modules.quantizers.sinkhorn import sinkhorn_assign
 
 QUANTIZE_MODES = ("ste", "rotation", "gumbel")
 
@@ -103,6 +104,14 @@ class RQVAEConfig:
     # vector-quantize-pytorch style, decay usage_decay), which tracks the encoder's moving
     # latents closely; the loss then keeps only the commitment term.
     codebook_update: str = "loss"
+    # LC-Rec / ETEGRec: in training, the last level's codes of a batch are the argmax of a
+    # Sinkhorn-Knopp transport plan with uniform code marginals (distances scaled to [-1, 1],
+    # see modules/quantizers/sinkhorn.py), so the batch spreads near-uniformly over the last
+    # codebook and the encoder/codebooks learn a last level with fewer collisions. `encode`
+    # stays nearest-code (batch-independent codes; LC-Rec's get_indices does the same).
+    sinkhorn_last_level: bool = False
+    sinkhorn_epsilon: float = 0.003
+    sinkhorn_iters: int = 100
 
     def __post_init__(self):
         if self.quantize_mode not in QUANTIZE_MODES:
@@ -111,15 +120,18 @@ class RQVAEConfig:
             raise ValueError(f"RQVAEConfig.codebook_update: {self.codebook_update!r} not in ('loss', 'ema')")
         if self.distance not in ("euclidean", "cosine"):
             raise ValueError(f"RQVAEConfig.distance: {self.distance!r} not in ('euclidean', 'cosine')")
+        if self.sinkhorn_epsilon <= 0 or self.sinkhorn_iters < 1:
+            raise ValueError("RQVAEConfig.sinkhorn_epsilon must be > 0 and sinkhorn_iters >= 1")
         self.hidden_dims = list(self.hidden_dims)
 
 
 class RQVAE(nn.Module):
     """TIGER's RQ-VAE. `forward(x, temperature) -> RQVAEOutput`, `encode(x) -> codes (B, L)`.
 
-    Codes are always the hard nearest codes of the residual chain r_0 = z,
-    r_{l+1} = r_l - e_l, so forward (in any mode) and encode give the same codes. The mode
-    only changes what the decoder sees and how gradients get back to the encoder.
+    Codes are the hard nearest codes of the residual chain r_0 = z, r_{l+1} = r_l - e_l, so
+    forward (in any mode) and encode give the same codes; the one exception is training with
+    sinkhorn_last_level, where the last level takes the batch's Sinkhorn-balanced codes. The
+    mode only changes what the decoder sees and how gradients get back to the encoder.
     """
 
     def __init__(self, config: RQVAEConfig | None = None, **kwargs):
@@ -211,7 +223,10 @@ class RQVAE(nn.Module):
                 self._replace_dead_codes(level, residual.detach())
             codebook = self.codebooks[level]
             dist = self._distances(residual, codebook)
-            idx = dist.argmin(1)
+            if c.sinkhorn_last_level and self.training and level == c.num_levels - 1:
+                idx = sinkhorn_assign(dist, c.sinkhorn_epsilon, c.sinkhorn_iters)
+            else:
+                idx = dist.argmin(1)
             e = codebook[idx]
             # TIGER: codebook loss moves codes to the (frozen) residuals, commitment the reverse.
             quant_loss = quant_loss + c.beta * item_sq_error(residual, e.detach())
@@ -257,6 +272,33 @@ class RQVAE(nn.Module):
             residual = residual - codebook[idx]
             codes.append(idx)
         return torch.stack(codes, 1)
+
+    @torch.no_grad()
+    def rebalance_collisions(self, x: Tensor, codes: Tensor | None = None, max_rounds: int = 20) -> Tensor:
+        """LC-Rec's code-assignment step (`generate_indices.py`): the items of x (N, input_dim)
+        that share a whole code get their last level re-chosen by `sinkhorn_assign` over their
+        group (sinkhorn_epsilon, sinkhorn_iters), repeated while collisions remain and codes
+        change, at most max_rounds times. Levels < L-1 keep their codes. `codes` defaults to
+        `encode(x)`. Exact duplicates (equal latents) stay collided, as in LC-Rec: a dedup
+        level (`semantic_ids.add_dedup_level`) still has to make IDs unique.
+        """
+        c = self.config
+        z = self.encoder(x.to(self.codebooks))
+        codes = self.encode(x) if codes is None else codes.to(z.device).clone()
+        levels = torch.arange(c.num_levels - 1, device=z.device)
+        residual = z - self.codebooks[levels, codes[:, :-1]].sum(1)
+        for _ in range(max_rounds):
+            _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
+            changed = False
+            for group in (counts > 1).nonzero().squeeze(1).tolist():
+                members = (inverse == group).nonzero().squeeze(1)
+                dist = self._distances(residual[members], self.codebooks[-1])
+                new = sinkhorn_assign(dist, c.sinkhorn_epsilon, c.sinkhorn_iters)
+                changed = changed or not torch.equal(new, codes[members, -1])
+                codes[members, -1] = new
+            if not changed:
+                break
+        return codes
 
     def codes_to_latent(self, codes: Tensor) -> Tensor:
         """Sum of the code vectors of the first codes.shape[1] levels, (B, latent_dim)."""

@@ -237,6 +237,29 @@ class Attention(nn.Module):
         """Self-attention over the positions of ``x`` (B, S, D)."""
         return self.attend(*self.project_qkv(x), mask)
 
+    def forward_received(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                         query_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention like :meth:`forward`, plus the attention each position receives.
+
+        Returns (output (B, S, D), received (B, S)): the softmax weights summed over heads and
+        over the queries where ``query_keep`` (B, S) bool is True (all if None), detached.
+        SDPA returns no weights, so this computes them explicitly (an (B, h, S, S) tensor):
+        meant for the one layer whose weights are needed (RASTP's pruning layer of the T5).
+        """
+        q, k, v = self.project_qkv(x)
+        scale = self.scale if self.scale is not None else self.d_head**-0.5
+        scores = (q * scale if scale != 1.0 else q) @ k.transpose(-1, -2)
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.float().softmax(dim=-1)
+        received = probs.detach()
+        if query_keep is not None:
+            received = received * query_keep[:, None, :, None].to(received.dtype)
+        received = received.sum(dim=(1, 2))
+        probs, drop_scale = dropout_unscaled(probs, self.dropout, self.training)
+        out = self._merge(probs.to(v.dtype) @ v)
+        return (out * drop_scale if drop_scale != 1.0 else out), received
+
     def forward_cross(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask=None) -> torch.Tensor:
         """Cross-attention of ``x`` (B, T, D) to precomputed ``kv`` (from :meth:`project_kv`).
 

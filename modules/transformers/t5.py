@@ -5,6 +5,11 @@ Follows T5 v1.0 (what TIGER used): pre-norm RMSNorm blocks without biases, ReLU 
 (bidirectional in the encoder, causal in the decoder) computed once per stack and added in
 every layer, shared input embedding, optionally tied output embedding (then scaled by
 d_model^-0.5 as in T5).
+
+Optional RASTP (representation-aware semantic token pruning, ``T5Config.prune_after_layer``):
+after encoder layer k each token is scored by the attention it receives in that layer times
+the L1 norm of its hidden state, and only the best ``keep_ratio`` of each history's real
+tokens go on through the remaining encoder layers and into the decoder's cross-attention.
 """
 
 from __future__ import annotations
@@ -40,12 +45,21 @@ class T5Config:
     tie_embeddings: bool = True
     eps: float = 1e-6
     init_factor: float = 1.0
+    # RASTP: prune the encoder sequence after layer prune_after_layer (1-based; None = off) to
+    # floor(real tokens x keep_ratio) tokens per row (at least 1). See `rastp_select`.
+    prune_after_layer: int | None = None
+    keep_ratio: float = 0.333
 
     def __post_init__(self):
         if self.output_vocab_size is None:
             self.output_vocab_size = self.vocab_size
         if not 0 < self.output_vocab_size <= self.vocab_size:
             raise ValueError("modules/transformers/t5.py: T5Config.output_vocab_size must be in (0, vocab_size]")
+        if self.prune_after_layer is not None and not 1 <= self.prune_after_layer <= self.num_encoder_layers:
+            raise ValueError("modules/transformers/t5.py: T5Config.prune_after_layer must be None or in "
+                             f"[1, num_encoder_layers={self.num_encoder_layers}], got {self.prune_after_layer}")
+        if not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"modules/transformers/t5.py: T5Config.keep_ratio must be in (0, 1], got {self.keep_ratio}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,6 +106,33 @@ class RelativePositionBias(nn.Module):
                                            self.num_buckets, self.max_distance)
         return self.embedding(buckets).permute(2, 0, 1)[None]
 
+    def between(self, pos: torch.Tensor) -> torch.Tensor:
+        """(n, S) positions per row -> (n, h, S, S) bias (rows of different positions: RASTP)."""
+        buckets = relative_position_bucket(pos[:, None, :] - pos[:, :, None], self.bidirectional,
+                                           self.num_buckets, self.max_distance)
+        return self.embedding(buckets).permute(0, 3, 1, 2)
+
+
+def rastp_select(scores: torch.Tensor, attention_mask: torch.Tensor, keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which encoder tokens RASTP keeps: scores (n, S), bool mask (n, S) -> (index, keep), both (n, M).
+
+    Row b keeps its m_b = max(1, floor(L_b x keep_ratio)) best-scoring real tokens, L_b = its
+    number of real tokens (not the padded length S, so a user's result does not depend on
+    the batch it is in). ``index`` lists the kept tokens in increasing original order, then
+    (rows with m_b < M = max m_b) filler slots with ``keep`` False; a row without real
+    tokens keeps one slot, masked. Padding is thus never kept while a real token is dropped.
+    floor() gets 1e-9 of slack so that e.g. 100 x 0.29 counts as 29, not 28.99999.
+    """
+    real = attention_mask.bool()
+    n, S = real.shape
+    counts = (real.sum(1).double() * keep_ratio + 1e-9).floor().long().clamp(min=1)
+    M = int(counts.max())
+    _, index = scores.detach().float().masked_fill(~real, float("-inf")).topk(M, dim=1)
+    chosen = torch.arange(M, device=index.device) < counts[:, None]  # topk ranks below m_b
+    keep = chosen & real.gather(1, index)
+    order = torch.where(chosen, index, index + S).argsort(dim=1)  # kept tokens first, in order
+    return index.gather(1, order), keep.gather(1, order)
+
 
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: T5Config):
@@ -105,6 +146,12 @@ class EncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), mask))
         return x + self.drop(self.ffn(self.norm2(x)))
+
+    def forward_received(self, x: torch.Tensor, mask: torch.Tensor, query_keep: torch.Tensor):
+        """``forward`` plus the attention each token receives from the real queries (n, S)."""
+        a, received = self.attn.forward_received(self.norm1(x), mask, query_keep)
+        x = x + self.drop(a)
+        return x + self.drop(self.ffn(self.norm2(x))), received
 
 
 class DecoderLayer(nn.Module):
@@ -191,15 +238,34 @@ class T5(nn.Module):
 
     # ------------------------------------------------------------------ encoder
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(n, S) tokens and bool mask -> encoder output (n, S, D)."""
+        """(n, S) tokens and bool mask -> encoder output (n, S, D); with RASTP (n, M, D), whose
+        mask only :meth:`encode_memory` returns."""
+        return self.encode_memory(input_ids, attention_mask)[0]
+
+    def encode_memory(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, S) tokens and bool mask -> encoder output (n, S', D) and its bool mask (n, S').
+
+        S' = S unless RASTP is on (``prune_after_layer``), then S' = M of :func:`rastp_select`.
+        The pruned layers' relative position bias uses the kept tokens' *original* positions:
+        the bias was learned on those distances, and compacting would make tokens that were
+        far apart look adjacent.
+        """
+        cfg = self.config
         S = input_ids.shape[1]
         pos = torch.arange(S, device=input_ids.device)
         # One (n, h, S, S) mask for all layers: the shared position bias plus key padding.
         mask = self.encoder_bias(pos, pos) + additive_mask(attention_mask[:, None, None, :].bool())
         x = self.drop(self.embed(input_ids))
-        for layer in self.encoder_layers:
-            x = layer(x, mask)
-        return self.drop(self.encoder_norm(x))
+        for i, layer in enumerate(self.encoder_layers):
+            if i + 1 != cfg.prune_after_layer:
+                x = layer(x, mask)
+                continue
+            real = attention_mask.bool()
+            x, received = layer.forward_received(x, mask, real)
+            index, attention_mask = rastp_select(received * x.detach().float().abs().sum(-1), real, cfg.keep_ratio)
+            x = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+            mask = self.encoder_bias.between(index) + additive_mask(attention_mask[:, None, None, :])
+        return self.drop(self.encoder_norm(x)), attention_mask
 
     def memory(self, memory: torch.Tensor, attention_mask: torch.Tensor):
         """Cross-attention keys/values of every decoder layer, and the additive memory mask."""
@@ -225,13 +291,13 @@ class T5(nn.Module):
 
     def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
         """Teacher-forced logits (n, T, output_vocab_size)."""
-        memory_kv, memory_mask = self.memory(self.encode(input_ids, attention_mask), attention_mask)
+        memory_kv, memory_mask = self.memory(*self.encode_memory(input_ids, attention_mask))
         return self.decode(decoder_input_ids, memory_kv, memory_mask)
 
     # ------------------------------------------------------------------ incremental decoding
     def start_decoding(self, input_ids, attention_mask) -> T5DecodingState:
         """Encode once; the state holds one (empty) beam per user."""
-        memory_kv, memory_mask = self.memory(self.encode(input_ids, attention_mask), attention_mask)
+        memory_kv, memory_mask = self.memory(*self.encode_memory(input_ids, attention_mask))
         return T5DecodingState(cache=KVCache(len(self.decoder_layers)), num_beams=1, memory_kv=memory_kv,
                                memory_mask=memory_mask)
 
