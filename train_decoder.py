@@ -33,7 +33,10 @@ import torch
 from data.prepare import load_dataset
 from modules.beam_search import PrefixTrie
 from modules.decoder_models import build_model, load_tokenizer
-from modules.evaluation import evaluate_exact_topk, evaluate_generative, popularity_ranking, ranking_metrics
+from modules.evaluation import (
+    RestrictedScores, combine_metrics, evaluate_exact_topk, evaluate_generative, evaluate_groups,
+    popularity_ranking, ranking_metrics,
+)
 from modules.recommender import export_run, from_training, run_record
 from modules.objectives import all_positions_loss, full_softmax_loss, sliding_window_loss
 from modules.sasrec import save_item_embeddings
@@ -44,6 +47,28 @@ from modules.training import (
 )
 
 REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
+
+
+def _cold_report(dataset, test, test_cold: dict | None, test_warm: dict | None, popular: np.ndarray) -> dict:
+    """The cold-start / zero-shot part of the result (``load_dataset.cold_items`` or
+    ``holdout_domain``): test metrics on the users whose test target is cold and on the rest,
+    with user counts, and popularity on each. Training counts give cold items nothing, so
+    ``popularity_in_cold`` ranks the cold items by how often they occur in the test histories
+    (what is known of them at test time; no test target counts), on the cold users."""
+    is_cold = dataset.test_is_cold()
+
+    def report(metrics):
+        return None if metrics is None else {**{k: metrics[k] for k in REPORT_KEYS}, "users": int(metrics["users"])}
+
+    def pop_on(ranked, mask):
+        if not mask.any():
+            return None
+        return report({**ranking_metrics(ranked[mask], test.target[mask], ks=(1, 5, 10)), "users": mask.sum()})
+
+    in_cold = popularity_ranking(dataset.observed_item_counts(), len(test), 10, exclude=np.flatnonzero(~dataset.cold))
+    return {"protocol": dataset.protocol, "test_cold": report(test_cold), "test_warm": report(test_warm),
+            "popularity_cold": pop_on(popular, is_cold), "popularity_warm": pop_on(popular, ~is_cold),
+            "popularity_in_cold": pop_on(in_cold, is_cold)}
 
 
 @gin.configurable
@@ -145,9 +170,13 @@ def train_decoder(
     def loss_fn(idx):
         return batch_loss(idx, amp)
 
+    # Under a cold split an item-ID model ranks only the items it trained on (0 on cold targets);
+    # semantic-ID models search all items, cold ones included (their IDs come from text).
+    scorer = model if dataset.cold is None else RestrictedScores(model, ~dataset.cold)
+
     def evaluate(examples, unconstrained: bool = False):
         if sasrec:  # exact top-K over all items
-            return evaluate_exact_topk(model, examples, batch_size=eval_batch_size, device=dev)
+            return evaluate_exact_topk(scorer, examples, batch_size=eval_batch_size, device=dev)
         return evaluate_generative(model, examples, item_codes, layout, trie, beam_size=beam_size,
                                    unconstrained=unconstrained, batch_size=eval_batch_size, use_user=use_user,
                                    device=dev)
@@ -172,11 +201,18 @@ def train_decoder(
 
     # ---- test the best-validation checkpoint
     load_best(model, out, identity, "train_decoder")
-    valid_metrics, test_metrics = evaluate(valid), evaluate(test)
+    if dataset.cold is None:
+        valid_metrics, test_metrics = evaluate(valid), evaluate(test)
+    else:  # cold-start / zero-shot: cold-target users and the rest apart; "test" is their union
+        valid_metrics = evaluate(valid)
+        test_cold, test_warm = evaluate_groups(evaluate, test, dataset.test_is_cold())
+        test_metrics = combine_metrics([test_cold, test_warm])
     # Exact ranking returns items only: nothing invalid to measure.
     free = None if sasrec else evaluate(test, unconstrained=True)
-    popular = popularity_ranking(dataset.train_item_counts(), len(test), 10)
+    popular = popularity_ranking(dataset.train_item_counts(), len(test), 10,
+                                 exclude=None if dataset.cold is None else np.flatnonzero(dataset.cold))
     pop_metrics = ranking_metrics(popular, test.target, ks=(1, 5, 10))
+    cold = {} if dataset.cold is None else _cold_report(dataset, test, test_cold, test_warm, popular)
     result = {
         "dataset": dataset.name,
         "architecture": architecture,
@@ -186,6 +222,7 @@ def train_decoder(
         **({} if free is None else {"unconstrained_test": {k: free[k] for k in REPORT_KEYS}}),
         "invalid_rate": 0.0 if free is None else free["invalid_rate"],
         "popularity": {k: pop_metrics[k] for k in REPORT_KEYS},
+        **cold,
         "steps": loop.step,
         "best_step": loop.best_step,
         "train_seconds": round(loop.train_seconds, 1),

@@ -153,6 +153,63 @@ def bench_beam(model, batches, trie, layout, beam: int, top_k: int, device, call
     return users / elapsed
 
 
+def bench_gpt_epochs(sizes, item_codes, device, batch_size: int, steps: int, amp, data_config: str) -> dict:
+    """Seconds per epoch of a TIGER-size GPT trained on one sliding window per target against
+    all positions of each sequence segment (train_decoder.train_mode), on the real Beauty
+    sequences (``data_config``: gin bindings of load_dataset): the median time of ``steps``
+    optimizer steps on random batches of each mode times its steps per epoch."""
+    import gin
+    import numpy as np
+
+    from data.prepare import load_dataset
+    from modules.objectives import all_positions_loss, sliding_window_loss
+    from modules.transformers.gpt import GPT, GPTConfig
+
+    gin.parse_config_files_and_bindings([data_config], [])
+    dataset = load_dataset(verbose=False)
+    gin.clear_config()
+    if len(item_codes) != dataset.num_items:  # synthetic codes sized for this catalogue
+        item_codes = synthetic_codes(dataset.num_items, sizes, torch.Generator().manual_seed(0))
+    layout = TokenLayout(sizes, num_user_buckets=2000)
+    codes = item_codes.to(device)
+    rng = np.random.default_rng(0)
+    out = {}
+    for mode, data in (("sliding", dataset.train_examples()), ("all_positions", dataset.train_segments())):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size)).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        times, tokens = [], 0
+        for i in range(steps + 1):  # the first step warms up
+            idx = rng.choice(len(data), batch_size, replace=False)
+            sync(device)
+            start = time.perf_counter()
+            if mode == "sliding":
+                b = data.batch(idx)
+                history = torch.as_tensor(b.history, device=device)
+                target, user = torch.as_tensor(b.target, device=device), torch.as_tensor(b.user, device=device)
+                total, count = sliding_window_loss(model, layout, codes, history, target, user, amp, 64)
+                used = int((history >= 0).sum()) + 2 * len(idx)  # + target items, user tokens (in items)
+            else:
+                user, items = data.batch(idx)
+                items = torch.as_tensor(items, device=device)
+                total, count = all_positions_loss(model, layout, codes, items, torch.as_tensor(user, device=device),
+                                                  amp, 64)
+                used = int((items >= 0).sum()) + len(idx)
+            opt.zero_grad(set_to_none=True)
+            (total / count).backward()
+            opt.step()
+            sync(device)
+            if i:
+                times.append(time.perf_counter() - start)
+                tokens += used * layout.num_levels
+        per_epoch = -(-len(data) // batch_size)
+        out[f"epoch_seconds_{mode}"] = float(np.median(times)) * per_epoch
+        out[f"epoch_tokens_{mode}"] = int(tokens / steps * per_epoch)
+        out[f"epoch_steps_{mode}"] = per_epoch
+    out["epoch_speedup_all_positions"] = out["epoch_seconds_sliding"] / out["epoch_seconds_all_positions"]
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -173,6 +230,10 @@ def main(argv=None) -> dict:
                    help="RASTP: prune the encoder sequence after this encoder layer (1-based; default off)")
     p.add_argument("--keep-ratio", type=float, default=0.333, help="RASTP: share of real tokens kept")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--epochs-data", default=None, metavar="GIN",
+                   help="also time a TIGER-size GPT epoch, sliding windows vs all positions, on this dataset "
+                        "(e.g. bench/configs/beauty_local.gin)")
+    p.add_argument("--epoch-steps", type=int, default=5, help="timed optimizer steps per mode for --epochs-data")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -227,6 +288,9 @@ def main(argv=None) -> dict:
         result["train_batch_size"], result["train_micro_batch"] = args.batch_size, micro
         result["train_examples_per_second"] = bench_train(model, train_batches, device, args.train_steps,
                                                           args.warmup, amp, micro)
+    if args.epochs_data:
+        result.update(bench_gpt_epochs(sizes, item_codes, device, args.batch_size, args.epoch_steps, amp,
+                                       args.epochs_data))
     result["peak_rss_mb"] = peak_rss_mb()
     result["cpu_idle_percent_after"] = cpu_idle_percent()
     if device.type == "cuda":

@@ -22,7 +22,7 @@ from pathlib import Path
 import gin
 import numpy as np
 
-from data.dataset import SeqDataset, load_tables, save_tables
+from data.dataset import SeqDataset, cold_item_mask, domain_item_mask, load_tables, save_tables
 from data.preprocess import PreprocessOptions, preprocess
 from data.sources import amazon2014, amazon2023, movielens, p5, recbole
 from data.sources.base import default_cache_dir
@@ -88,8 +88,19 @@ def load_dataset(source: str = gin.REQUIRED, path: str | None = None, items: str
                  category: str | None = None, version: str | None = None, name: str | None = None,
                  base_url: str | None = None, min_rating: float | None = None, min_count: int = 5,
                  dedup: bool = True, max_history: int = 20, cache_dir: str | None = None,
-                 verbose: bool = True) -> SeqDataset:
-    """The processed dataset for a source, from the cache when a complete one exists."""
+                 verbose: bool = True, cold_items: float = 0.0, cold_seed: int = 0,
+                 holdout_domain: str | None = None, domain_field: str = "categories",
+                 domain_level: int = 1) -> SeqDataset:
+    """The processed dataset for a source, from the cache when a complete one exists.
+
+    Evaluation protocols (views of the same cached tables; ``SeqDataset.with_cold_items``):
+    ``cold_items`` > 0: cold-start, a seeded (``cold_seed``) fraction of the items held out of
+    training; ``holdout_domain``: zero-shot, the items whose category path (``domain_field``)
+    has this element at ``domain_level`` (Beauty: 'Makeup', 'Skin Care', 'Hair Care',
+    'Tools & Accessories', 'Bath & Body', 'Fragrance') held out of training. One or the other.
+    """
+    if cold_items and holdout_domain is not None:
+        raise ValueError("load_dataset: cold_items and holdout_domain are two protocols; set one of them")
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     args = _source_args(source, path, items, category, version, name, base_url, min_rating)
     options = PreprocessOptions(min_count=min_count, dedup=dedup)
@@ -118,7 +129,17 @@ def load_dataset(source: str = gin.REQUIRED, path: str | None = None, items: str
             print(f"[data] cached at {folder} ({tables.stats['seconds']} s)", file=sys.stderr)
     elif verbose:
         print(f"[data] using cache {folder}", file=sys.stderr)
-    return SeqDataset.from_tables(f"{source}-{label}", tables, max_history=max_history, path=folder)
+    ds = SeqDataset.from_tables(f"{source}-{label}", tables, max_history=max_history, path=folder)
+    if holdout_domain is not None:
+        cold = domain_item_mask(ds.items, holdout_domain, domain_field, domain_level)
+        ds = ds.with_cold_items(cold, {"name": "zero_shot", "holdout_domain": holdout_domain,
+                                       "domain_field": domain_field, "domain_level": domain_level,
+                                       "cold_items": int(cold.sum())})
+    elif cold_items:
+        cold = cold_item_mask(ds.num_items, cold_items, cold_seed)
+        ds = ds.with_cold_items(cold, {"name": "cold_start", "fraction": cold_items, "seed": cold_seed,
+                                       "cold_items": int(cold.sum())})
+    return ds
 
 
 # What train_decoder.py (architecture 'sasrec') leaves in its out_dir for load_item_embeddings.

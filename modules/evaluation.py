@@ -259,3 +259,63 @@ def evaluate_exact_topk(model, examples, *, top_k: int = 10, batch_size: int = 2
     result = acc.compute()
     result.update(users=n, users_per_second=n / max(seconds, 1e-9))
     return result
+
+
+# ------------------------------------------------------------------ cold-start / zero-shot
+
+
+def combine_metrics(parts: Sequence[dict | None]) -> dict:
+    """The metrics over the union of disjoint user groups, from each group's metrics (means over
+    its ``users``): their user-weighted average. ``users_per_second`` is recomputed from the
+    groups' times; ``None`` parts (empty groups) are skipped."""
+    parts = [p for p in parts if p is not None and p.get("users", 0) > 0]
+    if not parts:
+        raise ValueError("combine_metrics: no user in any group")
+    n = sum(p["users"] for p in parts)
+    keys = [k for k in parts[0] if k not in ("users", "users_per_second") and all(k in p for p in parts)]
+    out = {k: sum(p[k] * p["users"] for p in parts) / n for k in keys}
+    out["users"] = n
+    if all("users_per_second" in p for p in parts):
+        out["users_per_second"] = n / max(sum(p["users"] / max(p["users_per_second"], 1e-9) for p in parts), 1e-9)
+    return out
+
+
+def evaluate_groups(evaluate, examples, in_group: np.ndarray) -> tuple[dict | None, dict | None]:
+    """``evaluate`` (Examples -> metrics with ``users``) on the examples where ``in_group`` is
+    True and on the rest, separately: (group, rest), None for an empty side. ``examples`` is a
+    NamedTuple of per-example arrays (``data.dataset.Examples``)."""
+    in_group = np.asarray(in_group, dtype=bool)
+    if in_group.shape != (len(examples.target),):
+        raise ValueError(f"in_group must be a bool mask of shape ({len(examples.target)},), got {in_group.shape}")
+    out = []
+    for mask in (in_group, ~in_group):
+        idx = np.flatnonzero(mask)
+        out.append(evaluate(type(examples)(*(a[idx] for a in examples))) if len(idx) else None)
+    return out[0], out[1]
+
+
+class RestrictedScores:
+    """A scoring model (``scores(history) -> (n, num_items)``) whose items outside ``allowed``
+    score -inf, for :func:`evaluate_exact_topk`: an item-ID model ranks only the items it was
+    trained on (under a cold split it has no representation of the others; its cold items'
+    embeddings only ever served as negatives)."""
+
+    def __init__(self, model, allowed: np.ndarray):
+        self.model = model
+        self.allowed = torch.as_tensor(np.asarray(allowed, dtype=bool))
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def scores(self, history: torch.Tensor) -> torch.Tensor:
+        scores = self.model.scores(history)
+        return scores.masked_fill(~self.allowed.to(scores.device), float("-inf"))
