@@ -20,7 +20,7 @@ from data.dataset import Examples
 from modules.evaluation import evaluate_exact_topk, ranking_metrics
 from modules.objectives import full_softmax_loss
 from modules.sasrec import SASRec, SASRecConfig
-from tests.fixtures import dataset_bindings, write_p5_dataset
+from tests.fixtures import dataset_bindings, run_script, write_p5_dataset
 
 N_ITEMS = 23
 
@@ -128,13 +128,6 @@ LEARN_STEPS = 400
 MIN_RATIO, MIN_GAP = 3.0, 0.2
 
 
-def gin_args(config, bindings):
-    args = [config]
-    for b in bindings:
-        args += ["--gin", b]
-    return args
-
-
 @pytest.fixture(scope="module")
 def fixture_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("sasrec")
@@ -144,15 +137,11 @@ def fixture_data(tmp_path_factory):
 
 def run(fixture_data, out, *extra):
     _, base = fixture_data
-    gin.clear_config()
-    try:
-        return train_decoder.main(gin_args("configs/tiny/sasrec_tiny.gin", base + [
-            f"train_decoder.out_dir = '{out}'", f"train_decoder.max_steps = {LEARN_STEPS}",
-            "train_decoder.eval_every = 100", "train_decoder.log_every = 100", "train_decoder.seed = 42",
-            # the thresholds must not depend on the machine's bf16 speed
-            "train_decoder.precision = 'fp32'", *extra]))
-    finally:
-        gin.clear_config()
+    return run_script(train_decoder.main, "configs/tiny/sasrec_tiny.gin", base + [
+        f"train_decoder.out_dir = '{out}'", f"train_decoder.max_steps = {LEARN_STEPS}",
+        "train_decoder.eval_every = 100", "train_decoder.log_every = 100", "train_decoder.seed = 42",
+        # the thresholds must not depend on the machine's bf16 speed
+        "train_decoder.precision = 'fp32'", *extra])
 
 
 @pytest.fixture(scope="module")
