@@ -1,7 +1,8 @@
-"""Train a semantic-ID tokenizer (RQ-VAE, RQ-KMeans or FSQ) on item text embeddings.
+"""Train a semantic-ID tokenizer (RQ-VAE, HiD-VAE, RQ-KMeans or FSQ) on item text embeddings.
 
     python train_rqvae.py configs/rqvae_amazon.gin bench/configs/beauty_local.gin
     python train_rqvae.py configs/rqkmeans_amazon.gin bench/configs/beauty_local.gin
+    python train_rqvae.py configs/hidvae_amazon.gin bench/configs/beauty_local.gin
     python train_rqvae.py configs/rqvae_amazon.gin --gin 'train_rqvae.max_steps = 2000'
 
 Tiny CPU recipe (seconds): python train_rqvae.py configs/tiny/rqvae_tiny.gin
@@ -19,13 +20,16 @@ import time
 from pathlib import Path
 
 import gin
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.prepare import load_dataset, load_item_embeddings
+from data.text import DEFAULT_ENCODER
 from modules.plots import plot_group_sizes
 from modules.quantizers.fsq import FSQConfig, FSQTokenizer
+from modules.quantizers.hidvae import HiDVAE, HiDVAEConfig, category_tags, embed_tag_names, tag_purity
 from modules.quantizers.rqkmeans import RQKMeans, RQKMeansConfig
 from modules.quantizers.rqvae import RQVAE, RQVAEConfig
 from modules.semantic_ids import (
@@ -37,13 +41,14 @@ from modules.training import (
     pick_device, print_result, resolved_config, save_checkpoint, seed_everything, warmup_cosine,
 )
 
-for _cfg in (RQVAEConfig, RQKMeansConfig, FSQConfig):
+for _cfg in (RQVAEConfig, RQKMeansConfig, FSQConfig, HiDVAEConfig):
     gin.external_configurable(_cfg)
 
 
 def tokenizer_card(result: dict, command: str, config: str) -> str:
     """Markdown for the tokenizer's README.md: dataset, quality figures, how to load, provenance."""
-    keys = ("collision_rate", "max_group", "codebook_usage", "codebook_perplexity", "recon_loss", "selected_step")
+    keys = ("collision_rate", "max_group", "codebook_usage", "codebook_perplexity", "recon_loss", "tag_purity",
+            "tag_accuracy", "selected_step")
     figures = "\n".join(f"- {k}: {result[k]}" for k in keys if k in result)
     return (f"- dataset: `{result['dataset']}` ({result['num_items']:,} items); quantizer: {result['quantizer']}\n"
             f"{figures}\n\nLoad it: `SemanticIdTokenizer.from_pretrained('<this repo id or folder>')` (sidrec), "
@@ -51,14 +56,48 @@ def tokenizer_card(result: dict, command: str, config: str) -> str:
             f"Gin config:\n\n```\n{config.rstrip()}\n```")
 
 
+def item_tags(dataset, num_levels: int) -> tuple[np.ndarray, list[list[str]]] | None:
+    """Category tags per item (category_tags), or None when the items have no category paths."""
+    if "categories" not in dataset.items.columns:
+        return None
+    tag_ids, names = category_tags(dataset.items, num_levels)
+    return None if all(n == ["unknown"] for n in names) else (tag_ids, names)
+
+
+def purity_tags(dataset, model: torch.nn.Module, dev: torch.device) -> torch.Tensor | None:
+    """Tag ids (N, L) to measure any quantizer's tag purity against, or None without tags."""
+    found = item_tags(dataset, len(model.codebook_sizes))
+    return torch.from_numpy(found[0]).to(dev) if found is not None else None
+
+
+def tag_encoder_name() -> str:
+    """The sentence encoder of the item texts (load_item_embeddings.model) to embed tag names
+    with; for collaborative or concatenated sources, its first text part or the default."""
+    try:
+        name = gin.query_parameter("load_item_embeddings.model")
+    except ValueError:
+        return DEFAULT_ENCODER
+    parts = name[len("concat:"):].split("+") if name.startswith("concat:") else [name]
+    text = [p for p in parts if not p.startswith("sasrec:")]
+    return text[0] if text else DEFAULT_ENCODER
+
+
 @torch.no_grad()
-def tokenizer_metrics(quantizer: torch.nn.Module, emb: torch.Tensor, batch_size: int = 8192) -> dict:
-    """Codes of every item plus the quality figures logged during and after training."""
+def tokenizer_metrics(quantizer: torch.nn.Module, emb: torch.Tensor, batch_size: int = 8192,
+                      tags: torch.Tensor | None = None) -> dict:
+    """Codes of every item plus the quality figures logged during and after training; with
+    tags (N, L): tag purity per level, and for HiD-VAE the heads' tag accuracy per level."""
     was_training = quantizer.training
     quantizer.eval()
     codes = torch.cat([quantizer.encode(emb[i: i + batch_size]) for i in range(0, len(emb), batch_size)])
     recon = torch.cat([quantizer.decode_codes(codes[i: i + batch_size]) for i in range(0, len(emb), batch_size)]) \
         if hasattr(quantizer, "decode_codes") else quantizer.decode(codes)
+    extra = {}
+    if tags is not None:
+        extra["tag_purity"] = tag_purity(codes, tags)
+        if isinstance(quantizer, HiDVAE):
+            pred = torch.cat([quantizer.predict_tags(codes[i: i + batch_size]) for i in range(0, len(codes), batch_size)])
+            extra["tag_accuracy"] = (pred.cpu() == tags.cpu()).float().mean(0).tolist()
     quantizer.train(was_training)
     sizes = quantizer.codebook_sizes
     stats = collision_stats(codes)
@@ -69,12 +108,13 @@ def tokenizer_metrics(quantizer: torch.nn.Module, emb: torch.Tensor, batch_size:
         "codebook_usage": codebook_usage(codes, sizes),
         "codebook_perplexity": codebook_perplexity(codes, sizes),
         "recon_loss": F.mse_loss(recon, emb).item(),
+        **extra,
     }
 
 
 @gin.configurable
 def train_rqvae(
-    quantizer=gin.REQUIRED,  # @RQVAEConfig(), @RQKMeansConfig() or @FSQConfig()
+    quantizer=gin.REQUIRED,  # @RQVAEConfig(), @HiDVAEConfig(), @RQKMeansConfig() or @FSQConfig()
     out_dir: str = "runs/rqvae",
     max_steps: int = 20_000,
     batch_size: int = 1024,
@@ -110,18 +150,37 @@ def train_rqvae(
 
     dataset = load_dataset()
     emb = torch.from_numpy(load_item_embeddings(dataset)).float().to(dev)
-    quantizer.input_dim = emb.shape[1]
+    hid = isinstance(quantizer, HiDVAEConfig)
+    (quantizer.rqvae if hid else quantizer).input_dim = emb.shape[1]
+    # HiD-VAE's supervision; for the other quantizers only the tag-purity metric uses them.
+    tags, tag_names = None, None
+    if hid:
+        found = item_tags(dataset, quantizer.rqvae.num_levels)
+        if found is None:
+            raise ValueError(f"train_rqvae.quantizer = @HiDVAEConfig(): the items of {dataset.name} have no "
+                             "'categories' field with category paths to take tags from")
+        tags, tag_names = torch.from_numpy(found[0]).to(dev), found[1]
+        flat = embed_tag_names([n for names in tag_names for n in names], tag_encoder_name())  # one encoder load
+        tag_emb = list(flat.split([len(names) for names in tag_names]))
+        quantizer.num_tags, quantizer.tag_dim = [len(n) for n in tag_names], tag_emb[0].shape[1]
     logger = make_logger(wandb_mode, wandb_project, run_name or out.name, out)
     print(f"[rqvae] {dataset.name}: {len(emb)} items x {emb.shape[1]} dims, {type(quantizer).__name__} on {dev}",
           file=sys.stderr)
 
     best = None  # the selected eval (select_by="collision")
+    last_eval = None  # the latest periodic eval of this process (the last step's, once training ends)
     if isinstance(quantizer, RQKMeansConfig):  # no training loop: residual k-means on the embeddings
         model = RQKMeans(quantizer).to(dev)
+        tags = purity_tags(dataset, model, dev)
         model.fit(emb)
         step = 0
     else:
-        model = (RQVAE if isinstance(quantizer, RQVAEConfig) else FSQTokenizer)(quantizer).to(dev)
+        model_cls = RQVAE if isinstance(quantizer, RQVAEConfig) else HiDVAE if hid else FSQTokenizer
+        model = model_cls(quantizer).to(dev)
+        if hid:
+            model.set_tag_embeddings([e.to(dev) for e in tag_emb])
+        else:
+            tags = purity_tags(dataset, model, dev)
         optimizer = make_optimizer(model, lr, weight_decay)
         scheduler = warmup_cosine(optimizer, warmup_steps, max_steps)
         ckpt_path, best_path, step = out / "last.pt", out / "best.pt", 0
@@ -136,7 +195,7 @@ def train_rqvae(
         else:
             if best_path.exists():  # an earlier run's selection must not become this run's codes
                 best_path.unlink()
-            if isinstance(model, RQVAE) and quantizer.kmeans_init:
+            if isinstance(model, (RQVAE, HiDVAE)) and (quantizer.rqvae if hid else quantizer).kmeans_init:
                 model.init_codebooks(emb)  # k-means on every item's latent, not just the first batch
 
         model.train()
@@ -148,7 +207,8 @@ def train_rqvae(
             step, _, idx = next(batches)
             t0, t1 = gumbel_temperature
             tau = t0 * (t1 / t0) ** (step / max(1, max_steps - 1))  # geometric anneal
-            output = model(emb[torch.as_tensor(idx, device=dev)], temperature=tau)
+            batch = torch.as_tensor(idx, device=dev)
+            output = model(emb[batch], temperature=tau, **({"tags": tags[batch]} if hid else {}))
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
             optimizer.step()
@@ -158,19 +218,27 @@ def train_rqvae(
             if step % log_every == 0:
                 logger.log({"train/loss": output.loss.item(), "train/recon_loss": output.recon_loss.item(),
                             "train/quant_loss": output.quant_loss.item(), "train/temperature": tau,
-                            "train/lr": scheduler.get_last_lr()[0]}, step=step)
+                            "train/lr": scheduler.get_last_lr()[0],
+                            **({f"train/{k}": getattr(output, k).item()
+                                for k in ("align_loss", "classify_loss", "unique_loss", "tag_accuracy")}
+                               if hid else {})}, step=step)
                 bar.set_postfix(loss=f"{output.loss.item():.4f}")
             if progress.due():
                 progress.print(step, output.loss.item(), time.time() - t_train)
             if step % eval_every == 0 or step == max_steps:
-                m = tokenizer_metrics(model, emb)
+                m = tokenizer_metrics(model, emb, tags=tags)
+                last_eval = {"step": step, **{k: v for k, v in m.items() if k != "codes"}}
                 logger.log({"eval/collision_rate": m["collision_rate"], "eval/max_group": m["max_group"],
                             "eval/recon_loss": m["recon_loss"],
                             **{f"eval/usage_l{i}": u for i, u in enumerate(m["codebook_usage"])},
-                            **{f"eval/perplexity_l{i}": p for i, p in enumerate(m["codebook_perplexity"])}},
+                            **{f"eval/perplexity_l{i}": p for i, p in enumerate(m["codebook_perplexity"])},
+                            **{f"eval/tag_purity_l{i}": p for i, p in enumerate(m.get("tag_purity", []))},
+                            **{f"eval/tag_accuracy_l{i}": a for i, a in enumerate(m.get("tag_accuracy", []))}},
                            step=step)
                 tqdm.write(f"[rqvae] step {step}: collision {m['collision_rate']:.4f} max_group {m['max_group']} "
-                           f"usage {[round(u, 3) for u in m['codebook_usage']]} recon {m['recon_loss']:.5f}",
+                           f"usage {[round(u, 3) for u in m['codebook_usage']]} recon {m['recon_loss']:.5f}"
+                           + (f" tag purity {[round(p, 3) for p in m['tag_purity']]}" if "tag_purity" in m else "")
+                           + (f" tag acc {[round(a, 3) for a in m['tag_accuracy']]}" if "tag_accuracy" in m else ""),
                            file=sys.stderr)
                 score = {"collision_rate": m["collision_rate"], "recon_loss": m["recon_loss"], "step": step}
                 key = (score["collision_rate"], score["recon_loss"])
@@ -190,7 +258,7 @@ def train_rqvae(
             load_checkpoint(best_path, model=model, restore_rng=False, identity=identity, script="train_rqvae")
             print(f"[rqvae] final codes from step {best['step']} (lowest collision rate after warm-up)", file=sys.stderr)
 
-    m = tokenizer_metrics(model, emb)
+    m = tokenizer_metrics(model, emb, tags=tags)
     item_codes = add_dedup_level(m["codes"].cpu(), max_size=dedup_size)
     dedup_level_size = dedup_size or int(item_codes[:, -1].max()) + 1
     tokenizer = SemanticIdTokenizer(model.cpu(), item_codes, codebook_sizes=list(model.codebook_sizes) +
@@ -211,6 +279,9 @@ def train_rqvae(
         "codebook_usage": m["codebook_usage"],
         "codebook_perplexity": m["codebook_perplexity"],
         "recon_loss": m["recon_loss"],
+        **{k: m[k] for k in ("tag_purity", "tag_accuracy") if k in m},
+        **({"tag_counts": [len(n) for n in tag_names]} if tag_names is not None else {}),
+        **({"last_eval": last_eval} if last_eval is not None else {}),  # the last step's figures
         "dedup_size": dedup_level_size,
         "tokenizer": str(out / "tokenizer"),
         "device": str(dev),

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from modules.plots import draw_text, write_png
 from modules.quantizers.fsq import FSQConfig, FSQTokenizer
+from modules.quantizers.hidvae import HiDVAE, HiDVAEConfig
 from modules.quantizers.rqkmeans import RQKMeans, RQKMeansConfig
 from modules.quantizers.rqvae import RQVAE, RQVAEConfig
 
@@ -37,6 +38,7 @@ QUANTIZERS: dict[str, tuple[type[nn.Module], type]] = {
     "rqvae": (RQVAE, RQVAEConfig),
     "rqkmeans": (RQKMeans, RQKMeansConfig),
     "fsq": (FSQTokenizer, FSQConfig),
+    "hidvae": (HiDVAE, HiDVAEConfig),  # wraps an RQVAE (not a subclass), so the isinstance lookup is unambiguous
 }
 
 

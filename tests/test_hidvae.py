@@ -1,0 +1,178 @@
+"""HiD-VAE (modules/quantizers/hidvae.py): losses with known answers, category tags and tag
+purity on hand-made tables, save/load through SemanticIdTokenizer, and a tiny train_rqvae
+run on the fixture dataset."""
+
+import math
+
+import polars as pl
+import pytest
+import torch
+
+import train_rqvae
+from modules.quantizers.hidvae import (
+    HiDVAE, HiDVAEConfig, category_tags, info_nce, tag_purity, uniqueness_loss,
+)
+from modules.quantizers.rqvae import RQVAEConfig
+from modules.semantic_ids import SemanticIdTokenizer
+from tests.fixtures import CATEGORIES, dataset_bindings, run_script, write_p5_dataset
+
+
+# ----------------------------------------------------------------------------- uniqueness
+
+
+def test_uniqueness_loss_zero_without_collisions():
+    z = torch.randn(6, 8, requires_grad=True)
+    codes = torch.arange(18).view(6, 3)  # all rows distinct
+    loss = uniqueness_loss(z, codes, margin=0.5)
+    assert loss.item() == 0.0
+    loss.backward()  # still part of the graph
+    assert torch.count_nonzero(z.grad) == 0
+
+
+def test_uniqueness_loss_known_answer_and_gradient():
+    # Items 0 and 1 collide (cos 1, 0.8 above the margin 0.2); 2 and 3 collide but point in
+    # orthogonal directions (cos 0, below the margin); item 4 is alone.
+    z = torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]], requires_grad=True)
+    codes = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1], [2, 0, 0]])
+    loss = uniqueness_loss(z, codes, margin=0.2)
+    assert loss.item() == pytest.approx((0.8 + 0.0) / 2)
+    loss.backward()
+    assert z.grad[:2].abs().sum() == 0  # identical directions: cosine is at its maximum (flat)
+    z2 = torch.tensor([[1.0, 0.1, 0], [1.0, -0.1, 0]], requires_grad=True)
+    loss2 = uniqueness_loss(z2, torch.zeros(2, 3, dtype=torch.long), margin=0.2)
+    assert loss2.item() > 0
+    loss2.backward()
+    assert z2.grad.abs().sum() > 0
+    # A step against the gradient pushes the colliding pair apart.
+    with torch.no_grad():
+        moved = z2 - 0.1 * z2.grad
+    assert uniqueness_loss(moved, torch.zeros(2, 3, dtype=torch.long), 0.2) < loss2
+
+
+# ----------------------------------------------------------------------------- InfoNCE
+
+
+def test_info_nce_random_is_about_log_batch_and_aligned_is_near_zero():
+    g = torch.Generator().manual_seed(0)
+    b, d = 64, 256
+    q, k = torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
+    assert info_nce(q, k, temperature=1.0).item() == pytest.approx(math.log(b), rel=0.05)
+    # Aligned: keys are the queries, near-orthogonal in 256 dims; temperature 0.1 sharpens.
+    assert info_nce(q, q, temperature=0.1).item() < 0.01
+
+
+def test_info_nce_masks_same_label_keys():
+    q = torch.eye(4)
+    k = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    labels = torch.tensor([0, 0, 1, 2])
+    # Queries 0 and 1 (same tag) have equal keys: unmasked, each splits its mass between them.
+    masked = info_nce(torch.stack([k[0], k[1], q[2], q[3]]), k, 0.1, labels=labels)
+    assert masked.item() < 1e-3
+    assert info_nce(torch.stack([k[0], k[1], q[2], q[3]]), k, 0.1).item() > 0.3
+
+
+# ----------------------------------------------------------------------------- tags
+
+
+def test_category_tags_drops_root_and_pads_from_deepest():
+    items = pl.DataFrame({"categories": [
+        "'Beauty', 'Makeup', 'Face', 'Concealers'",
+        "'Beauty', 'Makeup'",
+        "Beauty, Skin Care, Hands & Nails",
+        "'Beauty', 'Makeup', 'Face', 'Powder', 'Loose'",
+        "",
+    ]})
+    tag_ids, names = category_tags(items, 3)
+    rows = [[names[lv][t] for lv, t in enumerate(r)] for r in tag_ids.tolist()]
+    assert rows == [
+        ["Makeup", "Face", "Concealers"],
+        ["Makeup", "Makeup", "Makeup"],
+        ["Skin Care", "Hands & Nails", "Hands & Nails"],
+        ["Makeup", "Face", "Powder"],
+        ["unknown", "unknown", "unknown"],
+    ]
+    assert names[0] == ["Makeup", "Skin Care", "unknown"]  # sorted per level
+    assert tag_ids.shape == (5, 3) and str(tag_ids.dtype) == "int64"
+
+
+def test_category_tags_keeps_first_tag_without_a_common_root():
+    tag_ids, names = category_tags(pl.DataFrame({"categories": ["A, B", "C, D"]}), 2)
+    assert [[names[lv][t] for lv, t in enumerate(r)] for r in tag_ids.tolist()] == [["A", "B"], ["C", "D"]]
+    with pytest.raises(ValueError, match="categories"):
+        category_tags(pl.DataFrame({"title": ["x"]}), 2)
+
+
+def test_tag_purity_known_answer():
+    # Level 0: code 0 holds tags [0, 0, 1] (majority 2 of 3), code 1 holds [1, 1] -> 4/5.
+    # Level 1 (prefixes): (0,0) [0,0] pure, (0,1) [5] pure, (1,0) [3,4] majority 1 -> 4/5.
+    codes = torch.tensor([[0, 0], [0, 0], [0, 1], [1, 0], [1, 0]])
+    tags = torch.tensor([[0, 0], [0, 0], [1, 5], [1, 3], [1, 4]])
+    assert tag_purity(codes, tags) == pytest.approx([4 / 5, 4 / 5])
+    assert tag_purity(torch.arange(5)[:, None], tags[:, :1]) == [1.0]  # one item per code
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def small_model(**kw) -> HiDVAE:
+    cfg = HiDVAEConfig(rqvae=RQVAEConfig(input_dim=12, hidden_dims=[16], latent_dim=4, codebook_size=8,
+                                         codebook_update="ema", quantize_mode="rotation"),
+                       num_tags=[2, 3, 3], tag_dim=5, **kw)
+    return HiDVAE(cfg)
+
+
+def test_tag_losses_train_the_encoder_and_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = small_model()
+    model.set_tag_embeddings([torch.randn(n, 5) for n in (2, 3, 3)])
+    x = torch.randn(32, 12)
+    tags = torch.stack([torch.randint(n, (32,)) for n in (2, 3, 3)], 1)
+    model.train()
+    out = model(x, tags=tags)
+    assert out.align_loss > 0 and out.classify_loss > 0 and 0 <= out.tag_accuracy <= 1
+    model.zero_grad()
+    (out.align_loss + out.classify_loss).backward()
+    assert model.rqvae.encoder[0].weight.grad.abs().sum() > 0  # straight through the EMA codes
+    assert all(h.weight.grad is not None for h in model.tag_heads)
+    model.eval()
+    codes = model.encode(x)
+    assert model.predict_tags(codes).shape == (32, 3)
+    tok = SemanticIdTokenizer(model, torch.cat([codes, torch.arange(32)[:, None]], 1))
+    assert tok.kind == "hidvae"
+    tok.save_pretrained(tmp_path / "tok")
+    back = SemanticIdTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert isinstance(back.quantizer, HiDVAE) and back.quantizer.config == model.config
+    assert torch.equal(back.encode(x), codes)
+    assert torch.equal(back.quantizer.tag_embeddings(2), model.tag_embeddings(2))
+
+
+def test_config_checks_levels():
+    with pytest.raises(ValueError, match="num_tags"):
+        HiDVAEConfig(rqvae=RQVAEConfig(num_levels=3), num_tags=[2, 2])
+    with pytest.raises(ValueError, match="num_tags"):
+        HiDVAE(HiDVAEConfig())
+
+
+# ----------------------------------------------------------------------------- train_rqvae
+
+
+def test_tiny_hidvae_run_saves_and_reloads(tmp_path):
+    folder = write_p5_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    bindings = dataset_bindings(folder, tmp_path / "cache") + [
+        "train_rqvae.quantizer = @HiDVAEConfig()",
+        "HiDVAEConfig.rqvae = @RQVAEConfig()",
+        "train_rqvae.max_steps = 60", "train_rqvae.eval_every = 30", "train_rqvae.ckpt_every = 30",
+        f"train_rqvae.out_dir = '{out}'",
+    ]
+    res = run_script(train_rqvae.main, "configs/tiny/rqvae_tiny.gin", bindings)
+    assert res["quantizer"] == "HiDVAE" and res["unique_after_dedup"] is True
+    # The fixture's paths are 'Beauty', '<category>': the root is dropped, one tag padded down.
+    assert res["tag_counts"] == [len(CATEGORIES)] * 3
+    assert len(res["tag_purity"]) == 3 and all(0 < p <= 1 for p in res["tag_purity"])
+    assert len(res["tag_accuracy"]) == 3 and all(0 <= a <= 1 for a in res["tag_accuracy"])
+    assert res["last_eval"]["step"] == 60 and "tag_purity" in res["last_eval"]
+    tok = SemanticIdTokenizer.from_pretrained(str(out / "tokenizer"))
+    assert isinstance(tok.quantizer, HiDVAE) and tok.item_codes.shape == (60, 4)
+    assert tok.quantizer.config.num_tags == [len(CATEGORIES)] * 3
+    assert tok.quantizer.tag_embeddings(0).norm(dim=1).allclose(torch.ones(len(CATEGORIES)), atol=1e-4)
