@@ -20,22 +20,19 @@ import time
 from pathlib import Path
 
 import gin
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.prepare import load_dataset, load_item_embeddings
-from data.text import DEFAULT_ENCODER
 from modules.plots import plot_group_sizes
 from modules.quantizers.fsq import FSQConfig, FSQTokenizer
-from modules.quantizers.hidvae import HiDVAE, HiDVAEConfig, category_tags, embed_tag_names, tag_purity
+from modules.quantizers.hidvae import HiDVAE, HiDVAEConfig
 from modules.quantizers.rqkmeans import RQKMeans, RQKMeansConfig
 from modules.quantizers.rqvae import RQVAE, RQVAEConfig
 from modules.semantic_ids import (
-    SemanticIdTokenizer, add_dedup_level, codebook_perplexity, codebook_usage, collision_group_sizes,
-    collision_stats, plot_codebook_usage,
+    SemanticIdTokenizer, add_dedup_level, collision_group_sizes, collision_stats, plot_codebook_usage,
 )
+from modules.tokenizer_eval import hidvae_supervision, purity_tags, tokenizer_card, tokenizer_metrics
 from modules.training import (
     ProgressLine, batch_indices, fingerprint, load_checkpoint, make_logger, make_optimizer, parse_gin_cli,
     pick_device, print_result, resolved_config, save_checkpoint, seed_everything, warmup_cosine,
@@ -43,73 +40,6 @@ from modules.training import (
 
 for _cfg in (RQVAEConfig, RQKMeansConfig, FSQConfig, HiDVAEConfig):
     gin.external_configurable(_cfg)
-
-
-def tokenizer_card(result: dict, command: str, config: str) -> str:
-    """Markdown for the tokenizer's README.md: dataset, quality figures, how to load, provenance."""
-    keys = ("collision_rate", "max_group", "codebook_usage", "codebook_perplexity", "recon_loss", "tag_purity",
-            "tag_accuracy", "selected_step")
-    figures = "\n".join(f"- {k}: {result[k]}" for k in keys if k in result)
-    return (f"- dataset: `{result['dataset']}` ({result['num_items']:,} items); quantizer: {result['quantizer']}\n"
-            f"{figures}\n\nLoad it: `SemanticIdTokenizer.from_pretrained('<this repo id or folder>')` (sidrec), "
-            f"or pass it as `train_decoder.tokenizer`.\n\n## How it was made\n\n```\n{command}\n```\n\n"
-            f"Gin config:\n\n```\n{config.rstrip()}\n```")
-
-
-def item_tags(dataset, num_levels: int) -> tuple[np.ndarray, list[list[str]]] | None:
-    """Category tags per item (category_tags), or None when the items have no category paths."""
-    if "categories" not in dataset.items.columns:
-        return None
-    tag_ids, names = category_tags(dataset.items, num_levels)
-    return None if all(n == ["unknown"] for n in names) else (tag_ids, names)
-
-
-def purity_tags(dataset, model: torch.nn.Module, dev: torch.device) -> torch.Tensor | None:
-    """Tag ids (N, L) to measure any quantizer's tag purity against, or None without tags."""
-    found = item_tags(dataset, len(model.codebook_sizes))
-    return torch.from_numpy(found[0]).to(dev) if found is not None else None
-
-
-def tag_encoder_name() -> str:
-    """The sentence encoder of the item texts (load_item_embeddings.model) to embed tag names
-    with; for collaborative or concatenated sources, its first text part or the default."""
-    try:
-        name = gin.query_parameter("load_item_embeddings.model")
-    except ValueError:
-        return DEFAULT_ENCODER
-    parts = name[len("concat:"):].split("+") if name.startswith("concat:") else [name]
-    text = [p for p in parts if not p.startswith("sasrec:")]
-    return text[0] if text else DEFAULT_ENCODER
-
-
-@torch.no_grad()
-def tokenizer_metrics(quantizer: torch.nn.Module, emb: torch.Tensor, batch_size: int = 8192,
-                      tags: torch.Tensor | None = None) -> dict:
-    """Codes of every item plus the quality figures logged during and after training; with
-    tags (N, L): tag purity per level, and for HiD-VAE the heads' tag accuracy per level."""
-    was_training = quantizer.training
-    quantizer.eval()
-    codes = torch.cat([quantizer.encode(emb[i: i + batch_size]) for i in range(0, len(emb), batch_size)])
-    recon = torch.cat([quantizer.decode_codes(codes[i: i + batch_size]) for i in range(0, len(emb), batch_size)]) \
-        if hasattr(quantizer, "decode_codes") else quantizer.decode(codes)
-    extra = {}
-    if tags is not None:
-        extra["tag_purity"] = tag_purity(codes, tags)
-        if isinstance(quantizer, HiDVAE):
-            pred = torch.cat([quantizer.predict_tags(codes[i: i + batch_size]) for i in range(0, len(codes), batch_size)])
-            extra["tag_accuracy"] = (pred.cpu() == tags.cpu()).float().mean(0).tolist()
-    quantizer.train(was_training)
-    sizes = quantizer.codebook_sizes
-    stats = collision_stats(codes)
-    return {
-        "codes": codes,
-        "collision_rate": stats["collision_rate"],
-        "max_group": stats["max_group"],
-        "codebook_usage": codebook_usage(codes, sizes),
-        "codebook_perplexity": codebook_perplexity(codes, sizes),
-        "recon_loss": F.mse_loss(recon, emb).item(),
-        **extra,
-    }
 
 
 @gin.configurable
@@ -155,13 +85,7 @@ def train_rqvae(
     # HiD-VAE's supervision; for the other quantizers only the tag-purity metric uses them.
     tags, tag_names = None, None
     if hid:
-        found = item_tags(dataset, quantizer.rqvae.num_levels)
-        if found is None:
-            raise ValueError(f"train_rqvae.quantizer = @HiDVAEConfig(): the items of {dataset.name} have no "
-                             "'categories' field with category paths to take tags from")
-        tags, tag_names = torch.from_numpy(found[0]).to(dev), found[1]
-        flat = embed_tag_names([n for names in tag_names for n in names], tag_encoder_name())  # one encoder load
-        tag_emb = list(flat.split([len(names) for names in tag_names]))
+        tags, tag_names, tag_emb = hidvae_supervision(dataset, quantizer.rqvae.num_levels, dev)
         quantizer.num_tags, quantizer.tag_dim = [len(n) for n in tag_names], tag_emb[0].shape[1]
     logger = make_logger(wandb_mode, wandb_project, run_name or out.name, out)
     print(f"[rqvae] {dataset.name}: {len(emb)} items x {emb.shape[1]} dims, {type(quantizer).__name__} on {dev}",

@@ -483,6 +483,22 @@ def _apply_rule(h, u, v, w, track, ntok, ninfo, sinfo, ptk, ptv, P, free, stl, d
 
 
 @njit
+def _growth_needed(bound, meta, P, ptk, spk, occ):
+    """NEED_* flags of the tables that could overflow while a sequence adds up to ``bound``
+    pairs (both kernels check before processing a sequence; 0: nothing to grow)."""
+    need = 0
+    if meta[M_NPIDS] + bound > P.shape[0]:
+        need |= NEED_PAIRS
+    if meta[M_NPIDS] + bound > MAX_LOAD_PTAB * len(ptk):
+        need |= NEED_PTAB
+    if meta[M_SPCOUNT] + bound > MAX_LOAD_SP * len(spk):
+        need |= NEED_SP
+    if meta[M_OCCUSED] + bound > occ.shape[0]:
+        need |= NEED_OCC
+    return need
+
+
+@njit
 def _process_seq(h, build, u, v, w, ntok, ninfo, sinfo, ptk, ptv, P, free, spk, spv, occ,
                  gtl, dlist, stack, stl, meta, aff, affv, tmark):
     """Apply merge {u, v} -> w to sequence h (or, if build, count it from scratch) and fold
@@ -600,16 +616,7 @@ def _run(max_merges, n_target, ntok, ninfo, sinfo, ptk, ptv, P, free, spk, spv, 
             w = meta[M_CURW]
             while meta[M_LI] < meta[M_LLEN]:
                 h = L[meta[M_LI]]
-                bound = sinfo[h, SI_NNODES] * K * K + K * K
-                need = 0
-                if meta[M_NPIDS] + bound > P.shape[0]:
-                    need |= NEED_PAIRS
-                if meta[M_NPIDS] + bound > MAX_LOAD_PTAB * len(ptk):
-                    need |= NEED_PTAB
-                if meta[M_SPCOUNT] + bound > MAX_LOAD_SP * len(spk):
-                    need |= NEED_SP
-                if meta[M_OCCUSED] + bound > occ.shape[0]:
-                    need |= NEED_OCC
+                need = _growth_needed(sinfo[h, SI_NNODES] * K * K + K * K, meta, P, ptk, spk, occ)
                 if need:
                     meta[M_NEED] = need
                     return ST_GROW
@@ -1044,16 +1051,7 @@ def _run_faithful(max_merges, n_target, ntok, ninfo, sinfo, ptk, ptv, P, PF, fre
             w = meta[M_CURW]
             while meta[M_LI] < meta[M_LLEN]:
                 h = L[meta[M_LI]]
-                bound = sinfo[h, SI_NNODES] * K * K + K * K
-                need = 0
-                if meta[M_NPIDS] + bound > P.shape[0]:
-                    need |= NEED_PAIRS
-                if meta[M_NPIDS] + bound > MAX_LOAD_PTAB * len(ptk):
-                    need |= NEED_PTAB
-                if meta[M_SPCOUNT] + bound > MAX_LOAD_SP * len(spk):
-                    need |= NEED_SP
-                if meta[M_OCCUSED] + bound > occ.shape[0]:
-                    need |= NEED_OCC
+                need = _growth_needed(sinfo[h, SI_NNODES] * K * K + K * K, meta, P, ptk, spk, occ)
                 if need:
                     meta[M_NEED] = need
                     return ST_GROW
