@@ -61,7 +61,7 @@ from modules.decoder_models import load_recommender, load_tokenizer
 from modules.evaluation import evaluate_generative, popularity_ranking, ranking_metrics
 from modules.grpo import grpo_batch_loss
 from modules.training import (
-    fingerprint, load_best, make_optimizer, parse_gin_cli, pick_device, print_result, seed_everything,
+    StepOutput, fingerprint, load_best, make_optimizer, parse_gin_cli, pick_device, print_result, seed_everything,
     train_loop, warmup_cosine,
 )
 
@@ -151,12 +151,7 @@ def train_grpo(
             mode=candidates, group_size=group_size, rewards=rewards, temperature=temperature, top_k=top_k,
             item_embeddings=embeddings, alpha=alpha, clip_eps=clip_eps, beta=beta)
         history.append({k: getattr(stats, k) for k in STAT_KEYS})
-        step = scheduler.last_epoch + 1  # the loop steps the scheduler once per batch, after this call
-        if step % log_every == 0:
-            window = mean_stats(history[-log_every:])
-            print(f"[grpo] step {step}/{max_steps} " + " ".join(f"{k} {v:.4f}" for k, v in window.items()),
-                  file=sys.stderr, flush=True)
-        return stats.loss
+        return StepOutput(stats.loss, history[-1])  # logged per window as train/reward, train/kl, ...
 
     loop, logger = train_loop(
         model=model, optimizer=optimizer, scheduler=scheduler, num_examples=len(train), batch_size=batch_size,

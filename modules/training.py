@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import gin
 import numpy as np
@@ -470,22 +470,34 @@ class LoopResult:
     train_seconds: float  # wall time spent in training steps + validation, all runs of this out_dir
 
 
+class StepOutput(NamedTuple):
+    """What a ``loss_fn`` may return instead of a bare loss: the loss to minimise and scalar
+    statistics of the step (e.g. GRPO's mean reward), averaged over each logging window and
+    logged as ``train/<name>`` beside the loss (W&B, the bar, the progress lines)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float]
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf; the checkpoints on disk are from before it."""
 
 
 def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: int, batch_size: int,
-               loss_fn: Callable[[np.ndarray], torch.Tensor], validate: Callable[[], dict], out_dir: Path,
+               loss_fn: Callable[[np.ndarray], torch.Tensor | StepOutput], validate: Callable[[], dict], out_dir: Path,
                max_steps: int, eval_every: int, seed: int, metric: str = "ndcg@10", grad_clip: float | None = 1.0,
                patience: int | None = None, max_train_minutes: float | None = None,
                stop_after_steps: int | None = None, log_every: int = 100, resume: bool = True,
                wandb_mode: str = "disabled", wandb_project: str = "sidrec", run_name: str | None = None,
                best_payload: dict | None = None, identity: dict[str, str] | None = None,
-               script: str = "train", desc: str = "train") -> tuple[LoopResult, NoOpLogger]:
+               script: str = "train", desc: str = "train",
+               before_step: Callable[[int, int], None] | None = None) -> tuple[LoopResult, NoOpLogger]:
     """Train ``model`` on batches of example indices with validation-based model selection.
 
-    ``loss_fn(indices) -> scalar loss`` builds and scores one batch; ``validate() -> metrics``
-    (must contain ``metric``, higher is better). Writes ``out_dir/last.pt`` (everything needed
+    ``loss_fn(indices) -> scalar loss`` (or a :class:`StepOutput` with step statistics to log)
+    builds and scores one batch; ``validate() -> metrics`` (must contain ``metric``, higher is
+    better). ``before_step(step, epoch)``, if given, runs before each batch's ``loss_fn`` with
+    the global step about to be taken (also after a resume), for schedules that depend on it. Writes ``out_dir/last.pt`` (everything needed
     to resume exactly) after every validation and ``out_dir/best.pt`` (model weights, step,
     metrics, ``best_payload``, config) when the metric improves. Stops at ``max_steps``, after
     ``patience`` validations without improvement, or when the cumulative training time passes
@@ -560,10 +572,17 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
                 f"(epoch {epoch}); stopped without saving; {kept}. Lower the learning rate or check the "
                 f"inputs, then resume or start over.")
 
-    last_check = step
+    last_check, shown = step, ""
+    window: dict[str, list[float]] = {}  # step statistics since the last log line
     while step < stop_at and not done:
         step, epoch, idx = next(batches)
+        if before_step is not None:
+            before_step(step, epoch)
         loss = loss_fn(idx)
+        if isinstance(loss, StepOutput):
+            for k, v in loss.metrics.items():
+                window.setdefault(k, []).append(float(v))
+            loss = loss.loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
@@ -576,13 +595,17 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
             check_finite(epoch)
             last_check = step
             curves["loss"].append((step, loss.item()))
+            stats = {k: float(np.mean(v)) for k, v in window.items()}
+            window = {}
             logger.log({"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
-                        "train/lr": scheduler.get_last_lr()[0]}, step=step)
-            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+                        "train/lr": scheduler.get_last_lr()[0], **{f"train/{k}": v for k, v in stats.items()}},
+                       step=step)
+            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch, **{k: f"{v:.3g}" for k, v in stats.items()})
+            shown = "".join(f", {k} {v:.4g}" for k, v in stats.items())
         if progress.due():
             check_finite(epoch)
             last_check = step
-            progress.print(step, loss.item(), train_seconds + time.time() - t_seg, f", epoch {epoch}")
+            progress.print(step, loss.item(), train_seconds + time.time() - t_seg, f", epoch {epoch}{shown}")
         timed_out = out_of_time(train_seconds + time.time() - t_seg)
         if step % eval_every == 0 or step == max_steps or timed_out:
             check_finite(epoch)

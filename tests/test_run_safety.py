@@ -9,7 +9,7 @@ import torch
 import train_decoder
 import train_rqvae
 from modules.training import (
-    NonFiniteLossError, ResumeMismatchError, autocast_dtype, config_bindings, load_best, make_optimizer, train_loop,
+    NonFiniteLossError, ResumeMismatchError, StepOutput, autocast_dtype, config_bindings, load_best, make_optimizer, train_loop,
     warmup_cosine,
 )
 from tests.fixtures import dataset_bindings, run_script, write_p5_dataset
@@ -122,6 +122,40 @@ def test_nan_loss_stops_before_saving_and_keeps_the_last_good_checkpoint(tmp_pat
     state = torch.load(tmp_path / "last.pt", weights_only=False)
     assert state["step"] == 20 and torch.isfinite(state["model"]["w"]).all()
     assert torch.isfinite(torch.load(tmp_path / "best.pt", weights_only=False)["model"]["w"]).all()
+
+
+class RecordingLogger:
+    def __init__(self):
+        self.rows = []
+
+    def log(self, metrics, step=None):
+        self.rows.append((step, metrics))
+
+    def log_image(self, *a, **k):
+        pass
+
+
+def test_step_statistics_are_logged_as_window_means_and_before_step_sees_every_step(tmp_path, monkeypatch):
+    """A loss_fn's StepOutput metrics reach the logger as the mean over each log window, and
+    before_step is called with the global step, also after a resume."""
+    import modules.training as training
+
+    logger = RecordingLogger()
+    monkeypatch.setattr(training, "make_logger", lambda *a, **k: logger)
+    seen = []
+
+    def loss_fn(model):
+        def f(idx):
+            step = seen[-1][0]
+            return StepOutput((model.w ** 2).sum(), {"value": float(step)})
+        return f
+
+    run_loop(tmp_path, loss_fn, log_every=4, stop_after_steps=12, before_step=lambda s, e: seen.append((s, e)))
+    assert [s for s, _ in seen] == list(range(12)) and [e for _, e in seen] == [0] * 10 + [1] * 2
+    train_rows = [(step, m) for step, m in logger.rows if "train/loss" in m]
+    assert [(step, m["train/value"]) for step, m in train_rows] == [(4, 1.5), (8, 5.5), (12, 9.5)]
+    run_loop(tmp_path, loss_fn, log_every=4, stop_after_steps=4, before_step=lambda s, e: seen.append((s, e)))
+    assert [s for s, _ in seen[12:]] == [12, 13, 14, 15]
 
 
 def test_load_best_never_falls_back_silently(tmp_path):
