@@ -22,6 +22,10 @@ The token layout, item decoding, evaluation and tokenizer helpers live in
 ``modules/actionpiece/recommender.py``. ``invalid_beams``: how a generated feature tuple that
 is no item is scored, ``'keep_rank'`` (default: it takes its slot and misses, as the official
 code) or ``'drop'`` (lenient); the result reports both (``test_official``, ``test_lenient``).
+
+Several processes (``torchrun --nproc_per_node N train_actionpiece.py ...``): the vocabulary is
+learned (or loaded) once, on rank 0, and broadcast; each rank trains on its share of every batch
+and evaluates its share of the users (``modules/distributed.py``); rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from data.prepare import load_dataset
+from modules import distributed
 from modules.actionpiece.recommender import (
     IGNORE, ActionPieceLayout, ItemDecoder, build_tokenizer, evaluate_actionpiece, load_tokenizer,
 )
@@ -44,7 +49,7 @@ from modules.evaluation import popularity_ranking, ranking_metrics
 from modules.recommender import export_run, from_training, run_record
 from modules.tokens import PAD
 from modules.training import (
-    autocast_dtype, length_chunks, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
+    SummedLoss, autocast_dtype, length_chunks, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
     fingerprint, seed_everything, train_loop, warmup_cosine,
 )
 from modules.transformers.generation import shift_right
@@ -105,24 +110,30 @@ def train_actionpiece(
     amp = autocast_dtype(dev, precision)
 
     # ---- data, item features, vocabulary
-    dataset = load_dataset()
+    with distributed.rank0_first():  # under torchrun rank 0 prepares and caches the data, the others read it
+        dataset = load_dataset()
     features = dict(n_hash_buckets=n_hash_buckets, pca_dim=pca_dim, n_codebooks=n_codebooks,
                     codebook_size=codebook_size, seed=feature_seed, opq_iter=opq_iter)
     tok_dir = out / "tokenizer"
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer, dataset, vocab_size)
-    elif tok_dir.is_dir():  # resume: the vocabulary this run learned before
-        tok = load_tokenizer(str(tok_dir), dataset, vocab_size)
-        made = {k: tok.config.get(k) for k in (*features, "mode", "requested_vocab_size")}
-        wanted = {**features, "mode": vocab_mode, "requested_vocab_size": vocab_size}
-        if made != wanted:
-            diff = {k: (made[k], wanted[k]) for k in wanted if made[k] != wanted[k]}
-            raise ValueError(f"{tok_dir} was built with other settings (stored, requested): {diff}; "
-                             "use another out_dir or delete it")
-    else:
+
+    def vocabulary():
+        if tokenizer is not None:
+            return load_tokenizer(tokenizer, dataset, vocab_size)
+        if tok_dir.is_dir():  # resume: the vocabulary this run learned before
+            tok = load_tokenizer(str(tok_dir), dataset, vocab_size)
+            made = {k: tok.config.get(k) for k in (*features, "mode", "requested_vocab_size")}
+            wanted = {**features, "mode": vocab_mode, "requested_vocab_size": vocab_size}
+            if made != wanted:
+                diff = {k: (made[k], wanted[k]) for k in wanted if made[k] != wanted[k]}
+                raise ValueError(f"{tok_dir} was built with other settings (stored, requested): {diff}; "
+                                 "use another out_dir or delete it")
+            return tok
         print(f"[actionpiece] learning a {vocab_size:,}-token vocabulary on {dataset.name} ...", file=sys.stderr)
         tok = build_tokenizer(dataset, vocab_size, vocab_mode, features)
         tok.save_pretrained(tok_dir)
+        return tok
+
+    tok = distributed.on_main(vocabulary)  # learned or loaded once, by rank 0, and broadcast
     layout = ActionPieceLayout.build(tok, output_vocab)
     decoder = ItemDecoder(tok, layout)
     train, valid, test = dataset.train_examples(), dataset.eval_examples("valid"), dataset.eval_examples("test")
@@ -151,7 +162,8 @@ def train_actionpiece(
                 logits = model(x, m, shift_right(y.clamp(min=PAD)))
             total = total + F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
                                             reduction="sum")
-        return total / (labels != IGNORE).sum().to(dev)
+        # Summed, not averaged: the loop divides by the label count of the whole (global) batch.
+        return SummedLoss(total, (labels != IGNORE).sum().to(dev))
 
     common = dict(num_beams=num_beams, batch_size=eval_batch_size, seed=eval_seed, device=dev, autocast_dtype=amp,
                   invalid_beams=invalid_beams)
@@ -193,6 +205,10 @@ def train_actionpiece(
     print(f"[actionpiece] testing the best checkpoint (step {loop.best_step}) on {len(test):,} users x "
           f"{n_inference_ensemble} segmentations", file=sys.stderr)
     test_metrics = evaluate_actionpiece(model, tok, layout, decoder, test, q=n_inference_ensemble, **common)
+    if not distributed.is_main():  # evaluations ran sharded on every rank (above); rank 0 alone reports, exports
+        logger.finish()
+        distributed.barrier()
+        return {}
     popular = popularity_ranking(dataset.train_item_counts(), len(test), 10)
     pop_metrics = ranking_metrics(popular, test.target, ks=(1, 5, 10))
     result = {
@@ -232,6 +248,7 @@ def train_actionpiece(
     if push_to_hub:
         result["hub"] = push_to_hub
     print_result(result, out)
+    distributed.barrier()  # the other ranks return once rank 0's files are written
     return result
 
 

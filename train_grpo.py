@@ -19,6 +19,11 @@ JSON object (train_decoder.py's keys, plus ``sft_valid`` / ``sft_test`` and the 
 training steps of the reward, the in-group hit rate (fraction of candidates that are the
 target), the fraction of groups holding it, KL, clip fraction and entropy).
 
+Several processes (``torchrun --nproc_per_node N train_grpo.py ...``): each rank draws the groups
+of its share of every batch's users (the loss is a mean over users, weighted by share), and
+evaluation is sharded (``modules/distributed.py``). The logged step statistics are averaged over
+ranks; the ``train_*`` means of the result are over rank 0's share.
+
 Departures from the papers (DeepSeekMath's GRPO, MiniOneRec):
 - One update per group (on-policy, as nanochat's RL script): the policy that drew the group
   is the current one, so the ratio is exactly 1, the clip never binds (clip fraction 0) and the
@@ -56,6 +61,7 @@ import torch
 
 import train_decoder  # noqa: F401 - registers train_decoder.* so the included SFT recipe parses
 from data.prepare import load_dataset, load_item_embeddings
+from modules import distributed
 from modules.beam_search import PrefixTrie
 from modules.decoder_models import load_recommender, load_tokenizer
 from modules.evaluation import evaluate_generative, popularity_ranking, ranking_metrics
@@ -114,7 +120,8 @@ def train_grpo(
     seed_everything(seed)
     dev = pick_device(device)
 
-    dataset = load_dataset()
+    with distributed.rank0_first():  # under torchrun rank 0 prepares and caches the data, the others read it
+        dataset = load_dataset()
     tok = load_tokenizer(tokenizer or sft_binding("train_decoder.tokenizer"), dataset)
     model, layout, sft_state = load_recommender(sft_dir, dataset, tok)
     model.to(dev)
@@ -223,11 +230,12 @@ def sft_metrics(path: Path, weights: str, compute) -> dict:
             return stored
     except (OSError, ValueError):
         pass
-    valid, test = compute()
+    valid, test = compute()  # under torchrun: sharded over every rank, rank 0 writes
     record = {"sft_weights": weights, "valid": valid, "test": test}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")
-    tmp.replace(path)
+    if distributed.is_main():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")
+        tmp.replace(path)
     return record
 
 

@@ -11,6 +11,11 @@ Reads top to bottom: dataset -> item embeddings -> quantizer -> (training loop w
 checkpoints and resume) -> codes -> dedup level -> tokenizer saved to ``out_dir/tokenizer``
 (safetensors + config.json + item codes; loadable by path or Hub id). A run restarted with
 the same out_dir resumes from ``out_dir/last.pt``. The last stdout line is one JSON object.
+
+Several processes: ``torchrun --nproc_per_node N train_rqvae.py ...`` splits every batch over
+them (gradients and the RQ-VAE's codebook statistics summed over all, see
+``modules/distributed.py``); rank 0 alone writes; the item codes are checked to be identical on
+every rank. RQ-KMeans has no training loop: every rank fits, then takes rank 0's centroids.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from data.prepare import load_dataset, load_item_embeddings
+from modules import distributed
 from modules.plots import plot_group_sizes
 from modules.quantizers.fsq import FSQConfig, FSQTokenizer
 from modules.quantizers.hidvae import HiDVAE, HiDVAEConfig
@@ -61,6 +67,10 @@ def train_rqvae(
     ckpt_every: int = 2_000,
     log_every: int = 100,
     dedup_size: int | None = 256,  # codes in the extra dedup level; None: as many as the largest group
+    # LC-Rec's assignment step (RQVAE.rebalance_collisions): after training, the items that share
+    # a whole code get their last level re-chosen by Sinkhorn over their group, so fewer IDs need
+    # the dedup level. Only the item table changes; encode() of a new item stays nearest-code.
+    rebalance_last_level: bool = False,
     seed: int = 42,
     device: str = "auto",
     resume: bool = True,
@@ -78,8 +88,9 @@ def train_rqvae(
     seed_everything(seed)
     dev = pick_device(device)
 
-    dataset = load_dataset()
-    emb = torch.from_numpy(load_item_embeddings(dataset)).float().to(dev)
+    with distributed.rank0_first():  # rank 0 prepares and caches data and embeddings, the others read them
+        dataset = load_dataset()
+        emb = torch.from_numpy(load_item_embeddings(dataset)).float().to(dev)
     hid = isinstance(quantizer, HiDVAEConfig)
     (quantizer.rqvae if hid else quantizer).input_dim = emb.shape[1]
     # HiD-VAE's supervision; for the other quantizers only the tag-purity metric uses them.
@@ -97,6 +108,7 @@ def train_rqvae(
         model = RQKMeans(quantizer).to(dev)
         tags = purity_tags(dataset, model, dev)
         model.fit(emb)
+        distributed.broadcast_module(model)  # rank 0's centroids (k-means on a GPU may differ in the last bits)
         step = 0
     else:
         model_cls = RQVAE if isinstance(quantizer, RQVAEConfig) else HiDVAE if hid else FSQTokenizer
@@ -110,31 +122,44 @@ def train_rqvae(
         ckpt_path, best_path, step = out / "last.pt", out / "best.pt", 0
         # Checkpoints are resumed only by the same run: same bindings, same items and embeddings.
         identity = {"dataset": dataset.fingerprint(), "embeddings": fingerprint(emb)}
-        if resume and ckpt_path.exists():
+        if distributed.broadcast_object(resume and ckpt_path.exists()):  # rank 0's view decides for all
             step = load_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler,
                                    identity=identity, script="train_rqvae")["step"]
             if best_path.exists():
                 best = torch.load(best_path, map_location="cpu", weights_only=False)["extra"]
             print(f"[rqvae] resumed from {ckpt_path} at step {step}", file=sys.stderr)
         else:
-            if best_path.exists():  # an earlier run's selection must not become this run's codes
+            # An earlier run's selection must not become this run's codes.
+            if best_path.exists() and distributed.is_main():
                 best_path.unlink()
             if isinstance(model, (RQVAE, HiDVAE)) and (quantizer.rqvae if hid else quantizer).kmeans_init:
                 model.init_codebooks(emb)  # k-means on every item's latent, not just the first batch
+            distributed.seed_per_rank(seed)  # ranks > 0: their own Gumbel noise (resume restores each rank's)
+        if hid and distributed.active() and distributed.is_main():
+            print("[rqvae] note: HiD-VAE's in-batch InfoNCE and uniqueness losses see one process's share "
+                  "of each batch: a step is not exactly a single-process step", file=sys.stderr)
+        distributed.broadcast_module(model)
+        distributed.check_batches(len(emb), batch_size)
 
         model.train()
         stop_at = max_steps if stop_after_steps is None else min(max_steps, step + stop_after_steps)
-        bar = tqdm(total=max_steps, initial=step, desc="rqvae", disable=None, file=sys.stderr)
-        progress, t_train = ProgressLine("rqvae", max_steps, batch_size, step, enabled=bar.disable), time.time()
+        bar = tqdm(total=max_steps, initial=step, desc="rqvae", disable=None if distributed.is_main() else True,
+                   file=sys.stderr)
+        progress = ProgressLine("rqvae", max_steps, batch_size, step, enabled=bar.disable and distributed.is_main())
+        t_train = time.time()
         batches = batch_indices(len(emb), batch_size, seed, start_step=step)
         while step < stop_at:
             step, _, idx = next(batches)
             t0, t1 = gumbel_temperature
             tau = t0 * (t1 / t0) ** (step / max(1, max_steps - 1))  # geometric anneal
-            batch = torch.as_tensor(idx, device=dev)
+            batch = torch.as_tensor(distributed.shard(idx), device=dev)  # this process's rows (all in one)
             output = model(emb[batch], temperature=tau, **({"tags": tags[batch]} if hid else {}))
             optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
+            if distributed.active():  # the losses are means over items: weigh each rank's by its share
+                (output.loss * (len(batch) / len(idx))).backward()
+                distributed.all_reduce_gradients(model.parameters())
+            else:
+                output.loss.backward()
             optimizer.step()
             scheduler.step()
             step += 1
@@ -150,6 +175,7 @@ def train_rqvae(
             if progress.due():
                 progress.print(step, output.loss.item(), time.time() - t_train)
             if step % eval_every == 0 or step == max_steps:
+                distributed.assert_same(model, f"[rqvae] weights at step {step}")  # so the same codes and choices
                 m = tokenizer_metrics(model, emb, tags=tags)
                 last_eval = {"step": step, **{k: v for k, v in m.items() if k != "codes"}}
                 logger.log({"eval/collision_rate": m["collision_rate"], "eval/max_group": m["max_group"],
@@ -159,11 +185,12 @@ def train_rqvae(
                             **{f"eval/tag_purity_l{i}": p for i, p in enumerate(m.get("tag_purity", []))},
                             **{f"eval/tag_accuracy_l{i}": a for i, a in enumerate(m.get("tag_accuracy", []))}},
                            step=step)
-                tqdm.write(f"[rqvae] step {step}: collision {m['collision_rate']:.4f} max_group {m['max_group']} "
-                           f"usage {[round(u, 3) for u in m['codebook_usage']]} recon {m['recon_loss']:.5f}"
-                           + (f" tag purity {[round(p, 3) for p in m['tag_purity']]}" if "tag_purity" in m else "")
-                           + (f" tag acc {[round(a, 3) for a in m['tag_accuracy']]}" if "tag_accuracy" in m else ""),
-                           file=sys.stderr)
+                if distributed.is_main():
+                    tqdm.write(f"[rqvae] step {step}: collision {m['collision_rate']:.4f} max_group {m['max_group']} "
+                               f"usage {[round(u, 3) for u in m['codebook_usage']]} recon {m['recon_loss']:.5f}"
+                               + (f" tag purity {[round(p, 3) for p in m['tag_purity']]}" if "tag_purity" in m else "")
+                               + (f" tag acc {[round(a, 3) for a in m['tag_accuracy']]}" if "tag_accuracy" in m
+                                  else ""), file=sys.stderr)
                 score = {"collision_rate": m["collision_rate"], "recon_loss": m["recon_loss"], "step": step}
                 key = (score["collision_rate"], score["recon_loss"])
                 if step >= warmup_steps and (best is None or key < (best["collision_rate"], best["recon_loss"])):
@@ -183,6 +210,21 @@ def train_rqvae(
             print(f"[rqvae] final codes from step {best['step']} (lowest collision rate after warm-up)", file=sys.stderr)
 
     m = tokenizer_metrics(model, emb, tags=tags)
+    before_rebalance = None
+    if rebalance_last_level:
+        if not hasattr(model, "rebalance_collisions"):
+            raise ValueError(f"train_rqvae.rebalance_last_level: {type(model).__name__} has no rebalance_collisions "
+                             "(RQ-VAE and HiD-VAE have)")
+        before_rebalance = {k: m[k] for k in ("collision_rate", "max_group")}
+        with torch.no_grad():
+            m = tokenizer_metrics(model, emb, tags=tags, codes=model.rebalance_collisions(emb, m["codes"]))
+        print(f"[rqvae] rebalanced the last level: collision {before_rebalance['collision_rate']:.4f} -> "
+              f"{m['collision_rate']:.4f}", file=sys.stderr)
+    distributed.assert_same(m["codes"], "[rqvae] item codes")
+    if not distributed.is_main():  # rank 0 alone saves the tokenizer, plots and result; wait for it
+        logger.finish()
+        distributed.barrier()
+        return {}
     item_codes = add_dedup_level(m["codes"].cpu(), max_size=dedup_size)
     dedup_level_size = dedup_size or int(item_codes[:, -1].max()) + 1
     tokenizer = SemanticIdTokenizer(model.cpu(), item_codes, codebook_sizes=list(model.codebook_sizes) +
@@ -206,6 +248,7 @@ def train_rqvae(
         **{k: m[k] for k in ("tag_purity", "tag_accuracy") if k in m},
         **({"tag_counts": [len(n) for n in tag_names]} if tag_names is not None else {}),
         **({"last_eval": last_eval} if last_eval is not None else {}),  # the last step's figures
+        **({"before_rebalance": before_rebalance} if before_rebalance is not None else {}),
         "dedup_size": dedup_level_size,
         "tokenizer": str(out / "tokenizer"),
         "device": str(dev),
@@ -220,6 +263,7 @@ def train_rqvae(
         tokenizer.push_to_hub(push_to_hub)
         result["hub"] = push_to_hub
     print_result(result, out)
+    distributed.barrier()
     return result
 
 

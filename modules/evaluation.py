@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from modules import distributed
+
 DEFAULT_KS = (1, 5, 10)
 
 
@@ -84,6 +86,9 @@ class MetricAccumulator:
     """Streams :func:`ranking_metrics` over batches: ``update`` per batch, ``compute`` at the end.
 
     Sums are kept in float64 so the result equals the one-shot mean up to rounding.
+    Sharded evaluation (torchrun): each rank updates with its batches, keyed by batch number,
+    then :meth:`merge_ranks` re-adds every rank's per-batch sums in key order, which is
+    bit-for-bit what one process updating with all batches in that order computes.
     """
 
     def __init__(self, ks: Sequence[int] = DEFAULT_KS):
@@ -93,11 +98,28 @@ class MetricAccumulator:
     def reset(self) -> None:
         self._sums = [0.0] * (2 * len(self.ks))
         self.count = 0
+        self._parts: list[tuple[int, list[float], int]] = []  # (key, sums, users) per update
 
-    def update(self, ranked: torch.Tensor | np.ndarray, target) -> None:
-        sums, n = _metric_sums(ranked, target, self.ks)
+    def _add(self, sums: list[float], n: int) -> None:
         self._sums = [a + b for a, b in zip(self._sums, sums)]
         self.count += n
+
+    def update(self, ranked: torch.Tensor | np.ndarray, target, key: int | None = None) -> None:
+        """One batch; ``key`` (default: the update's number) orders it for :meth:`merge_ranks`."""
+        sums, n = _metric_sums(ranked, target, self.ks)
+        self._add(sums, n)
+        self._parts.append((len(self._parts) if key is None else key, sums, n))
+
+    def merge_ranks(self) -> None:
+        """Collective under torchrun (every rank calls it): afterwards every rank holds the sums
+        over all ranks' updates, added in the order of their keys (distinct over ranks)."""
+        if not distributed.active():
+            return
+        parts = distributed.gather_keyed((key, (sums, n)) for key, sums, n in self._parts)
+        self.reset()
+        for key, (sums, n) in parts:
+            self._add(sums, n)
+            self._parts.append((key, sums, n))
 
     def compute(self) -> dict[str, float]:
         if self.count == 0:
@@ -107,11 +129,12 @@ class MetricAccumulator:
 
 class UsersProgress:
     """A plain line at least every ``every`` seconds while users are evaluated, when stderr is
-    not a terminal (CI, nohup, cluster logs): testing 22k Beauty users takes minutes."""
+    not a terminal (CI, nohup, cluster logs): testing 22k Beauty users takes minutes. Under
+    torchrun rank 0 alone prints, counting its own users."""
 
     def __init__(self, total: int, desc: str = "eval", every: float = 30.0):
         self.total, self.desc, self.every = total, desc, every
-        self.enabled = not sys.stderr.isatty()
+        self.enabled = not sys.stderr.isatty() and distributed.is_main()
         self.start = self.last = time.time()
 
     def update(self, done: int) -> None:
@@ -193,10 +216,28 @@ def popularity_ranking(
 # ------------------------------------------------------------------ generative recommenders
 
 
+def eval_batches(n: int, batch_size: int, sharded: bool | None = None) -> list[int]:
+    """The start rows of the evaluation batches of ``n`` examples this process runs: all of
+    them, or under torchrun (``sharded`` None or True) every world_size-th batch. Ranks run whole
+    batches, cut as one process cuts them, so each batch's figures are the same bits."""
+    starts = list(range(0, n, batch_size))
+    if sharded is False or not distributed.active():
+        return starts
+    return [starts[b] for b in distributed.my_batches(len(starts))]
+
+
+def _seconds_over_ranks(seconds: float, sharded: bool | None) -> float:
+    """The evaluation's wall time: the slowest rank's when sharded."""
+    if sharded is False or not distributed.active():
+        return seconds
+    return max(distributed.all_gather_object(seconds))
+
+
 @torch.no_grad()
 def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie, *, beam_size: int,
                         top_k: int = 10, batch_size: int = 256, use_user: bool = False, ks=DEFAULT_KS,
-                        unconstrained: bool = False, device: torch.device | str = "cpu") -> dict:
+                        unconstrained: bool = False, device: torch.device | str = "cpu",
+                        sharded: bool | None = None) -> dict:
     """Recall/NDCG of a semantic-ID recommender by beam search over ``examples``.
 
     ``examples``: ``data.dataset.Examples`` (history, target, user), one held-out target each.
@@ -204,29 +245,40 @@ def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie,
     that are no item count as misses, as a real deployment would see them).
     Returns the metrics plus ``users`` and ``users_per_second``. Beams are ranked in fp32
     whatever precision the model trained in (see modules/beam_search.py).
+
+    Under torchrun (``sharded`` None: whenever a process group is up; ``False``: this process
+    evaluates everything alone) every rank must call it: each runs its share of the batches and
+    the per-batch results are gathered and added in batch order, so every rank returns exactly
+    the figures of a single-process evaluation.
     """
     from modules.beam_search import beam_search  # beam_search imports modules.tokens, not this module
 
     was_training = model.training
     model.eval()
     n = len(examples.target)
-    acc, invalid, t0 = MetricAccumulator(ks), 0.0, time.perf_counter()
+    acc, invalid, t0 = MetricAccumulator(ks), [], time.perf_counter()
     progress = UsersProgress(n)
-    for start in range(0, n, batch_size):
+    for start in eval_batches(n, batch_size, sharded):
         sl = slice(start, min(n, start + batch_size))
         user = torch.as_tensor(examples.user[sl], device=device) if use_user else None
         input_ids, mask = layout.encode_history(torch.as_tensor(examples.history[sl], device=device), item_codes, user)
         out = beam_search(model, input_ids, mask, trie, layout, beam_size=beam_size, top_k=top_k,
                           unconstrained=unconstrained)
-        acc.update(out.items, torch.as_tensor(examples.target[sl], device=device))
+        acc.update(out.items, torch.as_tensor(examples.target[sl], device=device), key=start)
         progress.update(sl.stop)
         if unconstrained:
-            invalid += out.invalid_rate * (sl.stop - sl.start)
-    seconds = time.perf_counter() - t0
+            invalid.append((start, out.invalid_rate * (sl.stop - sl.start)))
+    if sharded is not False:
+        acc.merge_ranks()
+        invalid = distributed.gather_keyed(invalid) if unconstrained else invalid
+    seconds = _seconds_over_ranks(time.perf_counter() - t0, sharded)
     model.train(was_training)
     result = acc.compute()
     if unconstrained:
-        result["invalid_rate"] = invalid / max(1, n)
+        total = 0.0
+        for _, v in invalid:  # added in batch order, as one process adds them
+            total += v
+        result["invalid_rate"] = total / max(1, n)
     result.update(users=n, users_per_second=n / max(seconds, 1e-9))
     return result
 
@@ -236,25 +288,28 @@ def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie,
 
 @torch.no_grad()
 def evaluate_exact_topk(model, examples, *, top_k: int = 10, batch_size: int = 256, ks=DEFAULT_KS,
-                        device: torch.device | str = "cpu") -> dict:
+                        device: torch.device | str = "cpu", sharded: bool | None = None) -> dict:
     """Recall/NDCG of a model that scores every item (``model.scores(history) -> (n, num_items)``,
     e.g. :class:`modules.sasrec.SASRec`): the exact top ``top_k`` items by score, in fp32.
 
     ``examples``: ``data.dataset.Examples``. No item is excluded (the generative models'
     beam search excludes none either). Returns the metrics plus ``users`` and ``users_per_second``.
+    Under torchrun, sharded over the ranks and gathered exactly as :func:`evaluate_generative`.
     """
     was_training = model.training
     model.eval()
     n = len(examples.target)
     acc, t0 = MetricAccumulator(ks), time.perf_counter()
     progress = UsersProgress(n)
-    for start in range(0, n, batch_size):
+    for start in eval_batches(n, batch_size, sharded):
         sl = slice(start, min(n, start + batch_size))
         scores = model.scores(torch.as_tensor(examples.history[sl], device=device)).float()
         acc.update(scores.topk(min(top_k, scores.shape[1]), dim=1).indices,
-                   torch.as_tensor(examples.target[sl], device=device))
+                   torch.as_tensor(examples.target[sl], device=device), key=start)
         progress.update(sl.stop)
-    seconds = time.perf_counter() - t0
+    if sharded is not False:
+        acc.merge_ranks()
+    seconds = _seconds_over_ranks(time.perf_counter() - t0, sharded)
     model.train(was_training)
     result = acc.compute()
     result.update(users=n, users_per_second=n / max(seconds, 1e-9))

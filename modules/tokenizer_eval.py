@@ -54,12 +54,14 @@ def tag_encoder_name() -> str:
 
 @torch.no_grad()
 def tokenizer_metrics(quantizer: torch.nn.Module, emb: torch.Tensor, batch_size: int = 8192,
-                      tags: torch.Tensor | None = None) -> dict:
+                      tags: torch.Tensor | None = None, codes: torch.Tensor | None = None) -> dict:
     """Codes of every item plus the quality figures logged during and after training; with
-    tags (N, L): tag purity per level, and for HiD-VAE the heads' tag accuracy per level."""
+    tags (N, L): tag purity per level, and for HiD-VAE the heads' tag accuracy per level.
+    ``codes``: figures of these codes (e.g. after rebalancing) instead of the nearest codes."""
     was_training = quantizer.training
     quantizer.eval()
-    codes = torch.cat([quantizer.encode(emb[i: i + batch_size]) for i in range(0, len(emb), batch_size)])
+    if codes is None:
+        codes = torch.cat([quantizer.encode(emb[i: i + batch_size]) for i in range(0, len(emb), batch_size)])
     recon = torch.cat([quantizer.decode_codes(codes[i: i + batch_size]) for i in range(0, len(emb), batch_size)]) \
         if hasattr(quantizer, "decode_codes") else quantizer.decode(codes)
     extra = {}

@@ -4,6 +4,9 @@ atomic checkpoints with the resolved config inside, and a W&B logger with a no-o
 Exact resume: batch order is a pure function of (seed, epoch), and the checkpoint holds the
 model, optimiser, scheduler, step and every RNG state, so a run restarted from a checkpoint
 takes the same batches and draws the same dropout masks as one that never stopped.
+
+Under torchrun the same loop runs data-parallel (``modules/distributed.py``; see
+:func:`train_loop`): a single process never touches a process group and runs as before.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from data.sources.base import default_cache_dir
+from modules import distributed
 from modules.plots import plot_curves
 
 # ----------------------------------------------------------------------------- gin CLI
@@ -62,10 +66,15 @@ def resolved_config() -> str:
 def print_result(result: dict, out_dir: str | Path | None = None) -> None:
     """The last stdout line of every script: one JSON object. With ``out_dir``, also written
     (atomically) to ``out_dir/result.json`` with the command line and the resolved config, so
-    that a reported figure can be traced to what produced it (README rows: results/)."""
+    that a reported figure can be traced to what produced it (README rows: results/).
+    Under torchrun only rank 0 prints and writes (the others hold the same figures)."""
+    if not distributed.is_main():
+        return
     if out_dir is not None:
         path = Path(out_dir) / "result.json"
         record = {**result, "command": " ".join(["python", *sys.argv]), "config": resolved_config()}
+        if distributed.world_size() > 1:
+            record["processes"] = distributed.world_size()
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")
         os.replace(tmp, path)
@@ -83,6 +92,10 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """``device`` ("auto": CUDA if available). Under torchrun, also joins the process group and
+    gives this process its own GPU, ``cuda:LOCAL_RANK`` (:func:`modules.distributed.init`)."""
+    if distributed.launched():
+        return distributed.init(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -109,8 +122,8 @@ def autocast_dtype(device: torch.device, precision: str = "auto",
             precision = "bf16"
         elif benchmark is None:
             precision = "fp32"
-        else:
-            precision = _measured_precision(benchmark, cache_key or "default")
+        else:  # under torchrun rank 0 measures and every rank takes its choice
+            precision = distributed.on_main(lambda: _measured_precision(benchmark, cache_key or "default"))
     return torch.bfloat16 if precision == "bf16" else None
 
 
@@ -173,7 +186,10 @@ def length_chunks(lengths: torch.Tensor, chunk: int | None) -> Iterator[tuple[to
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        if distributed.active():  # this rank's GPU only: reading all would open a context on every GPU
+            state["cuda_local"] = torch.cuda.get_rng_state()
+        else:
+            state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
@@ -181,8 +197,10 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and not distributed.active():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_local" in state and torch.cuda.is_available() and distributed.active():
+        torch.cuda.set_rng_state(state["cuda_local"])
 
 
 # ----------------------------------------------------------------------------- batches
@@ -212,12 +230,22 @@ def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0,
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW; matrices decay, biases / norms / 1-d parameters do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay)
+                   betas: tuple[float, float] = (0.9, 0.999),
+                   module_lrs: dict[torch.nn.Module, float] | None = None) -> torch.optim.AdamW:
+    """AdamW; matrices decay, biases / norms / 1-d parameters do not. ``module_lrs``: submodules
+    of ``model`` whose parameters train at their own learning rate (two more groups each, e.g.
+    train_joint.py's RQ-VAE at lr_id beside the recommender at lr)."""
+    claimed = {id(p) for m in (module_lrs or {}) for p in m.parameters()}
+    parts = [([p for p in model.parameters() if id(p) not in claimed], lr),
+             *((list(m.parameters()), m_lr) for m, m_lr in (module_lrs or {}).items())]
+    groups, params = [], []
+    for part, part_lr in parts:
+        part = [p for p in part if p.requires_grad]
+        params += part
+        extra = {} if part_lr == lr else {"lr": part_lr}
+        groups += [{"params": [p for p in part if p.dim() >= 2], "weight_decay": weight_decay, **extra},
+                   {"params": [p for p in part if p.dim() < 2], "weight_decay": 0.0, **extra}]
+    fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
@@ -240,6 +268,11 @@ RESUME_MAY_CHANGE = frozenset({
     "max_train_minutes", "stop_after_steps", "patience", "eval_every", "ckpt_every", "log_every",
     "eval_batch_size", "num_threads", "resume", "wandb_mode", "wandb_project", "run_name", "push_to_hub",
     "cache_dir", "verbose",
+    # train_rqvae: which trained weights give the codes, and the post-hoc last-level rebalancing
+    # (both act after training, so a finished run may be re-assembled with them).
+    "select_by", "rebalance_last_level",
+    # train_joint: when its stages validate and stop (stage 1's are eval_every / max_train_minutes).
+    "eval_every_epochs", "finetune_eval_every", "finetune_minutes",
 })
 
 
@@ -324,7 +357,14 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None, step: int,
                     extra: dict | None = None, identity: dict[str, str] | None = None) -> Path:
     """Everything needed to resume exactly, plus the resolved config and the fingerprints of the
-    run's inputs (``identity``) that :func:`check_same_run` compares on resume."""
+    run's inputs (``identity``) that :func:`check_same_run` compares on resume.
+
+    Under torchrun a collective: every rank calls it, rank 0 alone writes, adding every rank's
+    RNG state (``rng_per_rank``) so that each rank resumes its own random stream."""
+    per_rank = distributed.all_gather_object(rng_state()) if distributed.active() else None
+    if not distributed.is_main():
+        distributed.barrier()
+        return Path(path)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -335,7 +375,12 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None,
         "identity": identity or {},
         "extra": extra or {},
     }
-    return atomic_torch_save(state, path)
+    if per_rank is None:
+        return atomic_torch_save(state, path)
+    state["rng_per_rank"] = per_rank
+    atomic_torch_save(state, path)
+    distributed.barrier()  # no rank goes on (and may read it) before the file is complete
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
@@ -363,8 +408,23 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None,
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
-        set_rng_state(state["rng"])
+        set_rng_state(_own_rng(state, path))
     return state
+
+
+def _own_rng(state: dict, path: str | Path) -> dict:
+    """The RNG state this process resumes with: its rank's under torchrun when the checkpoint
+    has one per rank, else rank 0's / the single process's."""
+    per_rank = state.get("rng_per_rank")
+    if not distributed.active():
+        return state["rng"]
+    if per_rank is not None and len(per_rank) == distributed.world_size():
+        return per_rank[distributed.rank()]
+    if distributed.is_main():
+        warnings.warn(f"{path} was written by {len(per_rank) if per_rank else 1} process(es), this run has "
+                      f"{distributed.world_size()}: the weights continue exactly, but dropout masks and other "
+                      "random draws will differ from those of an uninterrupted run")
+    return state["rng"] if distributed.is_main() else rng_state()
 
 
 # ----------------------------------------------------------------------------- logging
@@ -421,10 +481,11 @@ class WandbLogger(NoOpLogger):
 
 def make_logger(wandb_mode: str, project: str, name: str | None, directory: str | Path,
                 resume_id: str | None = None) -> NoOpLogger:
-    """``wandb_mode``: "disabled" (no-op), "offline" (default: local files, sync later) or "online"."""
+    """``wandb_mode``: "disabled" (no-op), "offline" (default: local files, sync later) or "online".
+    Under torchrun the ranks other than 0 get the no-op logger: one W&B run per training run."""
     if wandb_mode not in ("disabled", "offline", "online"):
         raise ValueError(f"wandb_mode must be disabled, offline or online, got {wandb_mode!r}")
-    if wandb_mode == "disabled":
+    if wandb_mode == "disabled" or not distributed.is_main():
         return NoOpLogger()
     return WandbLogger(project, name, {"gin": resolved_config()}, wandb_mode, directory, resume_id)
 
@@ -467,7 +528,20 @@ class LoopResult:
     finished: bool  # False when stopped on purpose by stop_after_steps (resume later)
     best: float  # best validation value of the selection metric (-1 if never validated)
     best_step: int
-    train_seconds: float  # wall time spent in training steps + validation, all runs of this out_dir
+    train_seconds: float  # time in training steps + validation, all runs of this out_dir (training_clock)
+
+
+@gin.configurable
+def training_clock(kind: str = "wall") -> Callable[[], float]:
+    """The clock that ``max_train_minutes`` caps count: "wall" (time.time) or "process" (this
+    process's CPU seconds, time.process_time). On a machine shared with other jobs a wall-clock
+    cap gives a run whatever the others leave it, so two runs that should get the same budget
+    (a comparison) get different ones; CPU seconds do not depend on the neighbours. With
+    OMP_NUM_THREADS=1 a CPU second is a second of one core."""
+    clocks = {"wall": time.time, "process": time.process_time}
+    if kind not in clocks:
+        raise ValueError(f"training_clock.kind must be one of {sorted(clocks)}, got {kind!r}")
+    return clocks[kind]
 
 
 class StepOutput(NamedTuple):
@@ -475,8 +549,22 @@ class StepOutput(NamedTuple):
     statistics of the step (e.g. GRPO's mean reward), averaged over each logging window and
     logged as ``train/<name>`` beside the loss (W&B, the bar, the progress lines)."""
 
-    loss: torch.Tensor
+    loss: "torch.Tensor | SummedLoss"
     metrics: dict[str, float]
+
+
+class SummedLoss(NamedTuple):
+    """What a ``loss_fn`` may return instead of a mean: the loss summed over ``count`` terms
+    (labels, tokens). One process minimises ``total / count``, as before. Under torchrun each
+    rank's total is divided by the count summed over *all* ranks, the exact loss of the global
+    batch, which averaging per-rank means is not when ranks hold different label counts. A bare
+    scalar loss is taken as a mean over the batch's examples and weighted by shard size."""
+
+    total: torch.Tensor
+    count: "int | torch.Tensor"
+
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -484,7 +572,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: int, batch_size: int,
-               loss_fn: Callable[[np.ndarray], torch.Tensor | StepOutput], validate: Callable[[], dict], out_dir: Path,
+               loss_fn: Callable[[np.ndarray], torch.Tensor | SummedLoss | StepOutput],
+               validate: Callable[[], dict], out_dir: Path,
                max_steps: int, eval_every: int, seed: int, metric: str = "ndcg@10", grad_clip: float | None = 1.0,
                patience: int | None = None, max_train_minutes: float | None = None,
                stop_after_steps: int | None = None, log_every: int = 100, resume: bool = True,
@@ -494,9 +583,9 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
                before_step: Callable[[int, int], None] | None = None) -> tuple[LoopResult, NoOpLogger]:
     """Train ``model`` on batches of example indices with validation-based model selection.
 
-    ``loss_fn(indices) -> scalar loss`` (or a :class:`StepOutput` with step statistics to log)
-    builds and scores one batch; ``validate() -> metrics`` (must contain ``metric``, higher is
-    better). ``before_step(step, epoch)``, if given, runs before each batch's ``loss_fn`` with
+    ``loss_fn(indices) -> scalar loss`` (a mean over the examples), a :class:`SummedLoss`, or a
+    :class:`StepOutput` of either with step statistics to log, builds and scores one batch;
+    ``validate() -> metrics`` (must contain ``metric``, higher is better). ``before_step(step, epoch)``, if given, runs before each batch's ``loss_fn`` with
     the global step about to be taken (also after a resume), for schedules that depend on it. Writes ``out_dir/last.pt`` (everything needed
     to resume exactly) after every validation and ``out_dir/best.pt`` (model weights, step,
     metrics, ``best_payload``, config) when the metric improves. Stops at ``max_steps``, after
@@ -510,6 +599,15 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
     that had already stopped is not trained further unless a binding that may change (e.g.
     ``max_train_minutes``) now lets it go on. A NaN or inf loss raises
     :class:`NonFiniteLossError` before anything is saved from the broken weights.
+
+    Under torchrun (``modules/distributed.py``) every rank runs this loop in step: ``loss_fn``
+    gets the rank's contiguous shard of each global batch, gradients are summed over ranks and
+    divided by the global label count (:class:`SummedLoss`) or example count (scalar loss), so
+    one step equals one single-process step on the global batch; ``validate`` must evaluate
+    collectively (the ``modules.evaluation`` functions shard and gather by themselves). Step
+    statistics are averaged over ranks, weighted by shard size. Rank 0 alone writes checkpoints
+    (with every rank's RNG state), plots, logs and progress output; every rank resumes from
+    ``last.pt``. Ranks > 0 draw from their own random streams (:func:`distributed.seed_per_rank`).
     """
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
@@ -517,17 +615,27 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
     # (step, value) pairs of the logged training loss and of the validation metric, kept in
     # last.pt so that a resumed run's plot (out_dir/training_curves.png) shows the whole run.
     curves: dict[str, list[tuple[int, float]]] = {"loss": [], metric: []}
-    if resume and last_path.exists():
+    ddp, main = distributed.active(), distributed.is_main()
+    if ddp:
+        distributed.check_batches(num_examples, batch_size)
+    # Every rank reads last.pt (a shared out_dir); rank 0's view decides, so that no rank can
+    # take another branch than the others.
+    if distributed.broadcast_object(resume and last_path.exists()):
         state = load_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler,
                                 identity=identity, script=script)
         step = saved_step = state["step"]
         best, best_step, bad_evals, train_seconds, run_id = (
             state["extra"][k] for k in ("best", "best_step", "bad_evals", "train_seconds", "wandb_id"))
         curves = state["extra"].get("curves", curves)
-        print(f"[{desc}] resumed from {last_path} at step {step} (best {metric} {best:.4f})", file=sys.stderr)
-    elif best_path.exists():  # a fresh run must never be tested with an earlier run's weights
-        best_path.unlink()
-        print(f"[{desc}] starting over in {out_dir}: removed the earlier run's best.pt", file=sys.stderr)
+        if main:
+            print(f"[{desc}] resumed from {last_path} at step {step} (best {metric} {best:.4f})", file=sys.stderr)
+    else:
+        distributed.seed_per_rank(seed)
+        if main and best_path.exists():  # a fresh run must never be tested with an earlier run's weights
+            best_path.unlink()
+            print(f"[{desc}] starting over in {out_dir}: removed the earlier run's best.pt", file=sys.stderr)
+    if ddp:  # the same weights on every rank, whatever each one's initialisation did
+        distributed.broadcast_module(model)
     logger = make_logger(wandb_mode, wandb_project, run_name or out_dir.name, out_dir, resume_id=run_id)
     run_id = getattr(logger, "run_id", None)
 
@@ -540,6 +648,8 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
                         identity=identity)
 
     def plot() -> None:
+        if not main:
+            return
         path = plot_curves([(f"train loss every {log_every} steps", *_unzip(curves["loss"])),
                             (f"valid {metric}", *_unzip(curves[metric]))], out_dir / "training_curves.png")
         logger.log_image("training_curves", path, step=step)
@@ -553,14 +663,16 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
     # A resumed run that had stopped (patience, time cap) stays stopped.
     done = step > 0 and (out_of_patience() or out_of_time(train_seconds))
     stop_at = max_steps if stop_after_steps is None else min(max_steps, step + stop_after_steps)
-    bar = tqdm(total=max_steps, initial=step, desc=desc, disable=None, file=sys.stderr)
-    progress = ProgressLine(desc, max_steps, batch_size, step, cap_minutes=max_train_minutes, enabled=bar.disable)
+    bar = tqdm(total=max_steps, initial=step, desc=desc, disable=None if main else True, file=sys.stderr)
+    progress = ProgressLine(desc, max_steps, batch_size, step, cap_minutes=max_train_minutes,
+                            enabled=bar.disable and main)
     batches = batch_indices(num_examples, batch_size, seed, start_step=step)
     # Summed on the device so that checking it costs no host sync per step (only when logging
     # or validating): a non-finite loss anywhere since the last check makes it non-finite.
     loss_check = torch.zeros(())
+    clock = training_clock()  # what max_train_minutes counts
     model.train()
-    t_seg = time.time()
+    t_seg = clock()
 
     def check_finite(epoch: int) -> None:
         if not torch.isfinite(loss_check).item():
@@ -578,13 +690,18 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
         step, epoch, idx = next(batches)
         if before_step is not None:
             before_step(step, epoch)
-        loss = loss_fn(idx)
-        if isinstance(loss, StepOutput):
-            for k, v in loss.metrics.items():
-                window.setdefault(k, []).append(float(v))
-            loss = loss.loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if ddp:
+            loss = _distributed_backward(model, optimizer, loss_fn, idx, window)
+        else:
+            loss = loss_fn(idx)
+            if isinstance(loss, StepOutput):
+                for k, v in loss.metrics.items():
+                    window.setdefault(k, []).append(float(v))
+                loss = loss.loss
+            if isinstance(loss, SummedLoss):
+                loss = loss.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
         optimizer.step()
         scheduler.step()
@@ -605,11 +722,15 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
         if progress.due():
             check_finite(epoch)
             last_check = step
-            progress.print(step, loss.item(), train_seconds + time.time() - t_seg, f", epoch {epoch}{shown}")
-        timed_out = out_of_time(train_seconds + time.time() - t_seg)
+            progress.print(step, loss.item(), train_seconds + clock() - t_seg, f", epoch {epoch}{shown}")
+        timed_out = out_of_time(train_seconds + clock() - t_seg)
+        if ddp and max_train_minutes is not None:  # one clock past the cap stops every rank
+            timed_out = distributed.any_rank(timed_out)
         if step % eval_every == 0 or step == max_steps or timed_out:
             check_finite(epoch)
             last_check = step
+            if ddp:  # e.g. a buffer updated in forward and not synchronised
+                distributed.assert_same(model, f"[{desc}] model weights at step {step}")
             metrics = validate()
             model.train()
             logger.log({f"valid/{k}": v for k, v in metrics.items()}, step=step)
@@ -617,26 +738,55 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
             improved = metrics[metric] > best
             if improved:
                 best, best_step, bad_evals = metrics[metric], step, 0
-                atomic_torch_save({"model": model.state_dict(), "step": step, "valid": metrics,
-                                   "config": resolved_config(), "identity": identity or {},
-                                   **(best_payload or {})}, best_path)
+                if main:
+                        atomic_torch_save({"model": model.state_dict(), "step": step, "valid": metrics,
+                                       "config": resolved_config(), "identity": identity or {},
+                                       **(best_payload or {})}, best_path)
             else:
                 bad_evals += 1
-            tqdm.write(f"[{desc}] step {step} epoch {epoch}: loss {loss.item():.3f} valid {metric} "
-                       f"{metrics[metric]:.4f}{' (best)' if improved else ''}", file=sys.stderr)
+            if main:
+                tqdm.write(f"[{desc}] step {step} epoch {epoch}: loss {loss.item():.3f} valid {metric} "
+                           f"{metrics[metric]:.4f}{' (best)' if improved else ''}", file=sys.stderr)
             done = timed_out or out_of_patience()
-            train_seconds += time.time() - t_seg
-            t_seg = time.time()
+            train_seconds += clock() - t_seg
+            t_seg = clock()
             save_last()
             plot()
     if step > last_check:
         check_finite(epoch)
-    train_seconds += time.time() - t_seg
+    train_seconds += clock() - t_seg
     bar.close()
     finished = done or step >= max_steps
     if not finished:
         save_last()
+    distributed.barrier()  # what rank 0 wrote (best.pt, last.pt) is complete before any rank reads it
     return LoopResult(step, finished, best, best_step, train_seconds), logger
+
+
+def _distributed_backward(model, optimizer, loss_fn, idx: np.ndarray, window: dict[str, list[float]]) -> torch.Tensor:
+    """One training step's loss and gradients under torchrun: this rank's shard of the global
+    batch ``idx`` forward and backward, then gradients summed over ranks and divided by the
+    global count (labels for a :class:`SummedLoss`, examples for a mean); the loss and the step
+    statistics are summed alongside (one concurrent collective). Returns the global batch's loss
+    (on every rank)."""
+    local = distributed.shard(idx)
+    out = loss_fn(local)
+    stats: dict[str, float] = {}
+    if isinstance(out, StepOutput):
+        out, stats = out.loss, out.metrics
+    if isinstance(out, SummedLoss):
+        total, count = out.total, out.count
+    else:  # a mean over the shard's examples
+        total, count = out * len(local), len(local)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    keys = sorted(stats)  # the same statistics on every rank, weighted by shard size
+    summed = distributed.all_reduce_gradients(
+        model.parameters(), [total.detach(), count, len(local), *(float(stats[k]) * len(local) for k in keys)],
+        divisor_index=1)
+    for i, k in enumerate(keys):
+        window.setdefault(k, []).append(float(summed[3 + i] / summed[2]))
+    return (summed[0] / summed[1]).float()
 
 
 def _unzip(pairs: list[tuple[int, float]]) -> tuple[list[int], list[float]]:

@@ -158,6 +158,34 @@ def test_step_statistics_are_logged_as_window_means_and_before_step_sees_every_s
     assert [s for s, _ in seen[12:]] == [12, 13, 14, 15]
 
 
+def test_time_cap_counts_the_chosen_clock(tmp_path, monkeypatch):
+    """max_train_minutes counts training_clock: with 'process', 40 CPU seconds a step pass a
+    1-minute cap after 2 steps whatever the wall clock says; with 'wall' the same run goes on."""
+    import gin
+
+    fake = {"t": 0.0}
+
+    def cpu_clock():
+        return fake["t"]
+
+    def loss_fn(model):
+        def f(idx):
+            fake["t"] += 40.0  # each step "uses" 40 CPU seconds
+            return (model.w ** 2).sum()
+        return f
+
+    monkeypatch.setattr("time.process_time", cpu_clock)
+    with gin.unlock_config():
+        gin.bind_parameter("training_clock.kind", "process")
+    try:
+        _, (res, _) = run_loop(tmp_path / "cpu", loss_fn, max_train_minutes=1)
+    finally:
+        gin.clear_config()
+    assert res.step == 2 and res.train_seconds >= 60
+    _, (res, _) = run_loop(tmp_path / "wall", loss_fn, max_train_minutes=1)
+    assert res.step == 100
+
+
 def test_load_best_never_falls_back_silently(tmp_path):
     with pytest.raises(FileNotFoundError, match="best.pt"):
         load_best(Linear(), tmp_path)

@@ -39,6 +39,7 @@ from data.prepare import load_item_embeddings
 from modules.actionpiece.features import item_features_from_embeddings
 from modules.actionpiece.segment import fuse_beams
 from modules.actionpiece.tokenizer import ActionPieceTokenizer
+from modules import distributed
 from modules.beam_search import beam_search_tokens
 from modules.evaluation import MetricAccumulator, UsersProgress
 from modules.tokens import BOS, EOS, NUM_SPECIAL, PAD
@@ -226,6 +227,10 @@ def evaluate_actionpiece(model, tok: ActionPieceTokenizer, layout: ActionPieceLa
     batches run in one Python thread per torch thread, each op single-threaded: decoding is
     many small ops, whose cross-core synchronisation costs more than it saves (far more on a
     busy machine), while the threads release the GIL inside torch.
+
+    Under torchrun every rank must call it: each runs every world_size-th batch (the same
+    segmentations, seeded by batch number) and the per-batch results are gathered and added in
+    batch order, so every rank returns exactly the single-process figures.
     """
     if invalid_beams not in INVALID_BEAMS:
         raise ValueError(f"train_actionpiece.invalid_beams must be one of {INVALID_BEAMS}, got {invalid_beams!r}")
@@ -257,19 +262,26 @@ def evaluate_actionpiece(model, tok: ActionPieceTokenizer, layout: ActionPieceLa
     empty, invalid, no_item, t0 = 0, 0, 0, time.perf_counter()
     threads = torch.get_num_threads()
     workers = 1 if device.type != "cpu" else threads
+    mine = distributed.my_batches(len(starts))  # all of them in one process
     try:
         torch.set_num_threads(1 if workers > 1 else threads)
         progress = UsersProgress(n, "actionpiece eval")
         with ThreadPoolExecutor(workers) as pool:
-            for b, (official, lenient, e, bad, phantom) in enumerate(pool.map(run_batch, range(len(starts)))):
+            for b, (official, lenient, e, bad, phantom) in zip(mine, pool.map(run_batch, mine)):
                 target = examples.target[starts[b]: starts[b] + len(official)]
-                acc["official"].update(official, target)
-                acc["lenient"].update(lenient, target)
+                acc["official"].update(official, target, key=b)
+                acc["lenient"].update(lenient, target, key=b)
                 progress.update(starts[b] + len(official))
                 empty, invalid, no_item = empty + e, invalid + bad, no_item + phantom
     finally:
         torch.set_num_threads(threads)
+    if distributed.active():  # integer counts: their sum over ranks is exact
+        for a in acc.values():
+            a.merge_ranks()
+        empty, invalid, no_item = (sum(c) for c in zip(*distributed.all_gather_object((empty, invalid, no_item))))
     seconds = time.perf_counter() - t0
+    if distributed.active():
+        seconds = max(distributed.all_gather_object(seconds))
     model.train(was_training)
     scores = {name: a.compute() for name, a in acc.items()}
     beams = n * q * num_beams

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modules import distributed
 from modules.quantizers.rqkmeans import kmeans
 from modules.quantizers.sinkhorn import sinkhorn_assign
 
@@ -132,6 +133,13 @@ class RQVAE(nn.Module):
     forward (in any mode) and encode give the same codes; the one exception is training with
     sinkhorn_last_level, where the last level takes the batch's Sinkhorn-balanced codes. The
     mode only changes what the decoder sees and how gradients get back to the encoder.
+
+    Data-parallel training (torchrun, ``modules/distributed.py``): what training mode does to
+    the codebooks outside autograd uses the whole global batch, so that every rank keeps the
+    same codebooks: usage counts and EMA residual sums are summed over ranks, dead codes are
+    re-seeded with residuals drawn by rank 0 from all ranks' rows, Sinkhorn balances the global
+    batch, k-means init ends with rank 0's codebooks. Every rank must then run each training
+    forward (as the shared loop does); evaluation (``encode``) never communicates.
     """
 
     def __init__(self, config: RQVAEConfig | None = None, **kwargs):
@@ -181,6 +189,8 @@ class RQVAE(nn.Module):
             residual = residual - cent[assign]
         self.residual_sum.copy_(self.codebooks.data * self.usage[..., None])
         self.initted.fill_(True)
+        # k-means on a GPU need not give every rank the same bits: rank 0's codebooks for all.
+        distributed.broadcast_tensors_([self.codebooks, self.residual_sum])
 
     @torch.no_grad()
     def _replace_dead_codes(self, level: int, residual: Tensor) -> None:
@@ -188,20 +198,33 @@ class RQVAE(nn.Module):
         dead = (self.usage[level] < self.config.dead_code_threshold / k).nonzero().squeeze(1)
         if dead.numel() == 0:
             return
+        # Under torchrun: the same dead codes on every rank (usage is synchronised), re-seeded
+        # with the rows of the whole global batch that rank 0 draws.
+        residual, _ = distributed.all_gather_rows(residual)
         pick = torch.randint(residual.shape[0], (dead.numel(),), device=residual.device)
-        self.codebooks.data[level, dead] = residual[pick]
+        seeds = residual[pick]
+        distributed.broadcast_tensors_([seeds])
+        self.codebooks.data[level, dead] = seeds
         self.usage[level, dead] = 1 / k
-        self.residual_sum[level, dead] = residual[pick] / k
+        self.residual_sum[level, dead] = seeds / k
 
     @torch.no_grad()
     def _update_usage(self, level: int, idx: Tensor, residual: Tensor) -> None:
         """EMA of each code's share of the batch; for EMA codebooks also of its residual sum,
         then code = residual_sum / share (a code nobody picks keeps its value)."""
         c, decay = self.config, self.config.usage_decay
-        share = torch.bincount(idx, minlength=c.codebook_size).to(self.usage) / idx.numel()
+        counts = torch.bincount(idx, minlength=c.codebook_size).to(self.usage)
+        sums = torch.zeros_like(self.residual_sum[level]).index_add_(0, idx, residual) \
+            if c.codebook_update == "ema" else None
+        n = idx.numel()
+        if distributed.active():  # the global batch's counts and sums, the same on every rank
+            total = torch.tensor([n], dtype=counts.dtype, device=counts.device)
+            distributed.all_reduce_sum_([counts, total] + ([sums] if sums is not None else []))
+            n = total  # a tensor: no host synchronisation
+        share = counts / n
         self.usage[level].mul_(decay).add_(share, alpha=1 - decay)
         if c.codebook_update == "ema":
-            sums = torch.zeros_like(self.residual_sum[level]).index_add_(0, idx, residual) / idx.numel()
+            sums = sums / n
             self.residual_sum[level].mul_(decay).add_(sums, alpha=1 - decay)
             alive = self.usage[level] > 1e-12  # a code with no share left (usage_decay 0) keeps its value
             self.codebooks.data[level, alive] = self.residual_sum[level, alive] / self.usage[level, alive, None]
@@ -224,7 +247,9 @@ class RQVAE(nn.Module):
             codebook = self.codebooks[level]
             dist = self._distances(residual, codebook)
             if c.sinkhorn_last_level and self.training and level == c.num_levels - 1:
-                idx = sinkhorn_assign(dist, c.sinkhorn_epsilon, c.sinkhorn_iters)
+                # Balanced over the global batch under torchrun; this rank keeps its own rows.
+                every, mine = distributed.all_gather_rows(dist)
+                idx = sinkhorn_assign(every, c.sinkhorn_epsilon, c.sinkhorn_iters)[mine]
             else:
                 idx = dist.argmin(1)
             e = codebook[idx]
@@ -255,7 +280,7 @@ class RQVAE(nn.Module):
         (the caller anneals it). In training mode: k-means init on the first batch (if
         configured), codebook usage tracking and dead-code re-seeding."""
         if self.training and not bool(self.initted):
-            self.init_codebooks(x)
+            self.init_codebooks(distributed.all_gather_rows(x)[0])  # the global batch under torchrun
         z = self.encoder(x)
         z_q, codes, quant_loss = self.quantize(z, temperature)
         recon = self.decoder(z_q)
