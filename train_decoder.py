@@ -1,13 +1,15 @@
-"""Train a generative recommender (T5 encoder-decoder as in TIGER, or a GPT decoder) that
-generates the semantic ID of the next item, and evaluate it with trie-constrained beam search;
-or the ID-based SASRec baseline (``architecture = 'sasrec'``, no tokenizer), which ranks all
-items exactly and saves its item embeddings for ``load_item_embeddings('sasrec:<out_dir>')``.
+"""Train a generative recommender (T5 encoder-decoder as in TIGER, a GPT decoder, or RecGPT's
+block-causal decoder, ``architecture = 'recgpt'``) that generates the semantic ID of the next
+item, and evaluate it with trie-constrained beam search; or the ID-based SASRec baseline
+(``architecture = 'sasrec'``, no tokenizer), which ranks all items exactly and saves its item
+embeddings for ``load_item_embeddings('sasrec:<out_dir>')``.
 
     python train_rqvae.py configs/rqvae_amazon.gin bench/configs/beauty_local.gin
     python train_decoder.py configs/decoder_amazon.gin bench/configs/beauty_local.gin
     python train_decoder.py configs/decoder_amazon.gin bench/configs/beauty_local.gin \
         bench/configs/cpu_30min_decoder.gin   # 30 minutes of training on a CPU
     python train_decoder.py configs/sasrec_amazon.gin bench/configs/beauty_local.gin   # SASRec
+    torchrun --nproc_per_node 8 train_decoder.py ...   # data parallel on 8 GPUs (modules/distributed.py)
 
 Tiny CPU recipe (a minute): python train_rqvae.py configs/tiny/rqvae_tiny.gin &&
     python train_decoder.py configs/tiny/decoder_tiny.gin
@@ -31,52 +33,26 @@ import numpy as np
 import torch
 
 from data.prepare import load_dataset
+from modules import distributed
 from modules.beam_search import PrefixTrie
 from modules.decoder_models import build_model, load_tokenizer
-from modules.evaluation import (
-    RestrictedScores, combine_metrics, evaluate_exact_topk, evaluate_generative, evaluate_groups,
-    popularity_ranking, ranking_metrics,
-)
+from modules.evaluation import RestrictedScores, evaluate_exact_topk, evaluate_generative
 from modules.recommender import export_run, from_training, run_record
-from modules.objectives import all_positions_loss, full_softmax_loss, sliding_window_loss
+from modules.reporting import REPORT_KEYS, test_report  # noqa: F401 - REPORT_KEYS: train_decoder.REPORT_KEYS
+from modules.objectives import all_positions_loss, full_softmax_loss, next_item_block_loss, sliding_window_loss
 from modules.sasrec import save_item_embeddings
 from modules.tokens import TokenLayout
 from modules.training import (
-    autocast_dtype, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
+    SummedLoss, autocast_dtype, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
     fingerprint, resolved_config, seed_everything, train_loop, warmup_cosine,
 )
 
-REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
-
-
-def _cold_report(dataset, test, test_cold: dict | None, test_warm: dict | None, popular: np.ndarray) -> dict:
-    """The cold-start / zero-shot part of the result (``load_dataset.cold_items`` or
-    ``holdout_domain``): test metrics on the users whose test target is cold and on the rest,
-    with user counts, and popularity on each. Training counts give cold items nothing, so
-    ``popularity_in_cold`` ranks the cold items by how often they occur in the test histories
-    (what is known of them at test time; no test target counts), on the cold users."""
-    is_cold = dataset.test_is_cold()
-
-    def report(metrics):
-        return None if metrics is None else {**{k: metrics[k] for k in REPORT_KEYS}, "users": int(metrics["users"])}
-
-    def pop_on(ranked, mask):
-        if not mask.any():
-            return None
-        return report({**ranking_metrics(ranked[mask], test.target[mask], ks=(1, 5, 10)), "users": mask.sum()})
-
-    in_cold = popularity_ranking(dataset.observed_item_counts(), len(test), 10, exclude=np.flatnonzero(~dataset.cold))
-    return {"protocol": dataset.protocol, "test_cold": report(test_cold), "test_warm": report(test_warm),
-            "popularity_cold": pop_on(popular, is_cold), "popularity_warm": pop_on(popular, ~is_cold),
-            "popularity_in_cold": pop_on(in_cold, is_cold)}
-
-
 @gin.configurable
 def train_decoder(
-    tokenizer: str | None = None,  # train_rqvae.py output dir or Hub repo id (t5, gpt; sasrec needs none)
-    architecture: str = "t5",  # "t5", "gpt" (semantic IDs) or "sasrec" (item IDs)
+    tokenizer: str | None = None,  # train_rqvae.py output dir or Hub repo id (t5, gpt, recgpt; sasrec needs none)
+    architecture: str = "t5",  # "t5", "gpt", "recgpt" (semantic IDs) or "sasrec" (item IDs)
     # "sliding": one example per target (history = the items before it, up to max_history);
-    # "all_positions" (GPT, SASRec): one causal pass per sequence segment predicts all its targets.
+    # "all_positions" (GPT, RecGPT, SASRec): one causal pass per sequence segment predicts all its targets.
     train_mode: str = "sliding",
     out_dir: str = "runs/decoder",
     num_user_buckets: int = 2000,  # TIGER's hashed user token; 0: none
@@ -105,12 +81,13 @@ def train_decoder(
     push_to_hub: str | None = None,  # Hub repo id for the recommender (modules/recommender.py)
 ) -> dict:
     t_start = time.time()
-    if architecture not in ("t5", "gpt", "sasrec"):
-        raise ValueError(f"train_decoder.architecture must be 't5', 'gpt' or 'sasrec', got {architecture!r}")
-    modes = {"t5": ("sliding",), "gpt": ("sliding", "all_positions"), "sasrec": ("all_positions",)}[architecture]
+    if architecture not in ("t5", "gpt", "recgpt", "sasrec"):
+        raise ValueError(f"train_decoder.architecture must be 't5', 'gpt', 'recgpt' or 'sasrec', got {architecture!r}")
+    modes = {"t5": ("sliding",), "gpt": ("sliding", "all_positions"), "recgpt": ("all_positions",),
+             "sasrec": ("all_positions",)}[architecture]
     if train_mode not in modes:
         raise ValueError(f"train_decoder.train_mode must be one of {modes} for architecture {architecture!r} "
-                         f"('all_positions' for gpt or sasrec only), got {train_mode!r}")
+                         f"('all_positions' for gpt, recgpt or sasrec only), got {train_mode!r}")
     sasrec = architecture == "sasrec"
     if not sasrec and not tokenizer:
         raise ValueError(f"train_decoder.tokenizer is required for architecture {architecture!r}: a train_rqvae.py "
@@ -121,7 +98,8 @@ def train_decoder(
     seed_everything(seed)
     dev = pick_device(device)
 
-    dataset = load_dataset()
+    with distributed.rank0_first():  # under torchrun rank 0 prepares and caches the data, the others read it
+        dataset = load_dataset()
     # What the run trains on beyond its gin bindings: a checkpoint is resumed / tested only
     # with the same data and the same item codes (a retrained tokenizer under the same path).
     identity = {"dataset": dataset.fingerprint()}
@@ -136,7 +114,7 @@ def train_decoder(
     valid, test = dataset.eval_examples("valid"), dataset.eval_examples("test")
     use_user = num_user_buckets > 0 and not sasrec
 
-    model = build_model(architecture, layout, dataset).to(dev)
+    model = build_model(architecture, layout, dataset, tok).to(dev)
     optimizer = make_optimizer(model, lr, weight_decay)
     scheduler = warmup_cosine(optimizer, warmup_steps, max_steps)
     print(f"[decoder] {dataset.name}: {len(train):,} train {'segments' if all_positions else 'examples'}, "
@@ -149,6 +127,9 @@ def train_decoder(
     def batch_loss(idx, amp: torch.dtype | None):
         if sasrec:  # whole segments, a softmax over all items at every position
             total, count = full_softmax_loss(model, torch.as_tensor(train.batch(idx)[1], device=dev), amp, train_chunk)
+        elif architecture == "recgpt":  # whole segments: each item's block predicts the next item's codes
+            items = torch.as_tensor(train.batch(idx)[1], device=dev)
+            total, count = next_item_block_loss(model, layout, item_codes, items, amp, train_chunk)
         elif all_positions:  # whole segments: every target of a sequence in one causal pass
             user, items = train.batch(idx)
             total, count = all_positions_loss(model, layout, item_codes, torch.as_tensor(items, device=dev),
@@ -158,11 +139,12 @@ def train_decoder(
             total, count = sliding_window_loss(
                 model, layout, item_codes, torch.as_tensor(batch.history, device=dev),
                 torch.as_tensor(batch.target, device=dev), as_user(batch.user), amp, train_chunk)
-        return total / count
+        # Summed, not averaged: the loop divides by the label count of the whole (global) batch.
+        return SummedLoss(total, count)
 
     # bf16 autocast where it measures faster on this machine (cached); evaluation is fp32.
     probe = np.random.default_rng(seed).choice(len(train), min(len(train), batch_size), replace=False)
-    amp = autocast_dtype(dev, precision, benchmark=lambda dt: batch_loss(probe, dt).backward(),
+    amp = autocast_dtype(dev, precision, benchmark=lambda dt: batch_loss(probe, dt).mean().backward(),
                          cache_key=f"decoder|{train_mode}|{model.config}|batch={len(probe)}|chunk={train_chunk}")
     model.zero_grad(set_to_none=True)
     print(f"[decoder] training precision: {'bf16 autocast' if amp else 'fp32'}", file=sys.stderr)
@@ -192,7 +174,8 @@ def train_decoder(
         grad_clip=grad_clip, patience=patience, max_train_minutes=max_train_minutes,
         stop_after_steps=stop_after_steps, log_every=log_every, resume=resume, wandb_mode=wandb_mode,
         wandb_project=wandb_project, run_name=run_name, identity=identity, script="train_decoder", desc="decoder",
-        best_payload={"layout": layout.to_dict() if layout else None, "architecture": architecture})
+        best_payload={"layout": layout.to_dict() if layout else None, "architecture": architecture,
+                      "model_config": model.config.to_dict()})
     if not loop.finished:  # stopped on purpose (stop_after_steps): resume later from last.pt
         logger.finish()
         result = {"stopped_at_step": loop.step, "checkpoint": str(out / "last.pt")}
@@ -201,32 +184,20 @@ def train_decoder(
 
     # ---- test the best-validation checkpoint
     load_best(model, out, identity, "train_decoder")
-    if dataset.cold is None:
-        valid_metrics, test_metrics = evaluate(valid), evaluate(test)
-    else:  # cold-start / zero-shot: cold-target users and the rest apart; "test" is their union
-        valid_metrics = evaluate(valid)
-        test_cold, test_warm = evaluate_groups(evaluate, test, dataset.test_is_cold())
-        test_metrics = combine_metrics([test_cold, test_warm])
-    # Exact ranking returns items only: nothing invalid to measure.
-    free = None if sasrec else evaluate(test, unconstrained=True)
-    popular = popularity_ranking(dataset.train_item_counts(), len(test), 10,
-                                 exclude=None if dataset.cold is None else np.flatnonzero(dataset.cold))
-    pop_metrics = ranking_metrics(popular, test.target, ks=(1, 5, 10))
-    cold = {} if dataset.cold is None else _cold_report(dataset, test, test_cold, test_warm, popular)
+    # Exact ranking returns items only: nothing invalid to measure (no unconstrained search).
+    report = test_report(dataset, evaluate, valid, test, unconstrained=not sasrec)
+    if not distributed.is_main():  # evaluations ran sharded on every rank (above); rank 0 alone reports, exports
+        logger.finish()
+        distributed.barrier()
+        return {}
     result = {
         "dataset": dataset.name,
         "architecture": architecture,
         "train_mode": train_mode,
-        "valid": {k: valid_metrics[k] for k in REPORT_KEYS},
-        "test": {k: test_metrics[k] for k in REPORT_KEYS},
-        **({} if free is None else {"unconstrained_test": {k: free[k] for k in REPORT_KEYS}}),
-        "invalid_rate": 0.0 if free is None else free["invalid_rate"],
-        "popularity": {k: pop_metrics[k] for k in REPORT_KEYS},
-        **cold,
+        **report,
         "steps": loop.step,
         "best_step": loop.best_step,
         "train_seconds": round(loop.train_seconds, 1),
-        "eval_users_per_second": round(test_metrics["users_per_second"], 1),
         **({} if sasrec else {"beam_size": beam_size}),
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "seconds": round(time.time() - t_start, 1),
@@ -234,7 +205,7 @@ def train_decoder(
     if sasrec:  # the best checkpoint's item table, for train_rqvae.py via load_item_embeddings
         result["item_embeddings"] = str(save_item_embeddings(out, model, {
             "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint(), "best_step": loop.best_step,
-            "valid_ndcg@10": valid_metrics["ndcg@10"], "config": resolved_config()}))
+            "valid_ndcg@10": report["valid"]["ndcg@10"], "config": resolved_config()}))
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()
     # What from_pretrained(out_dir) loads, and exactly what push_to_hub sends: modules/recommender.py.
@@ -244,6 +215,7 @@ def train_decoder(
     if push_to_hub:
         result["hub"] = push_to_hub
     print_result(result, out)
+    distributed.barrier()  # the other ranks return once rank 0's files are written
     return result
 
 

@@ -81,20 +81,33 @@ class PrefixTrie:
         if table is not None:
             child = table[parent].long()
         else:
+            # A node's children are the run keys[lo:hi] of keys in [parent * size, (parent + 1) * size):
+            # two binary searches per node, then the few children scattered into their code columns
+            # (not one search per code: 15,360 per node with RecGPT's FSQ codes).
             keys = self.keys[level]
-            query = parent[..., None] * size + torch.arange(size, device=node.device)
-            pos = torch.searchsorted(keys, query)
-            found = keys[pos.clamp(max=len(keys) - 1)] == query
-            child = torch.where(found, pos, -1)
+            lo = torch.searchsorted(keys, (parent * size).contiguous())
+            hi = torch.searchsorted(keys, ((parent + 1) * size).contiguous())
+            width = int((hi - lo).max()) if hi.numel() else 0
+            last = torch.maximum(hi - 1, lo)[..., None]  # columns past a node's children repeat its last
+            idx = torch.minimum(lo[..., None] + torch.arange(width, device=node.device), last)
+            idx = idx.clamp(max=len(keys) - 1)
+            has = (hi > lo)[..., None]  # a childless node writes -1 into column 0
+            code = torch.where(has, keys[idx] - parent[..., None] * size, 0)
+            child = torch.full((*node.shape, size), -1, dtype=torch.long, device=node.device)
+            child.scatter_(-1, code, torch.where(has, idx, -1))
         return child.masked_fill(node[..., None] < 0, -1)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """(..., L) codes -> item ids, -1 where the codes are no item."""
+        """(..., L) codes -> item ids, -1 where the codes are no item. One binary search per
+        level on ``keys`` (not :meth:`children`, which lists a node's whole codebook: 15,360
+        entries per query for RecGPT's FSQ codes)."""
         node = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
-        for level in range(self.num_levels):
-            child = self.children(level, node)
-            node = child.gather(-1, codes[..., level : level + 1].clamp(0, self.codebook_sizes[level] - 1))[..., 0]
-            node = node.masked_fill((codes[..., level] < 0) | (codes[..., level] >= self.codebook_sizes[level]), -1)
+        for level, size in enumerate(self.codebook_sizes):
+            code, keys = codes[..., level], self.keys[level]
+            query = (node.clamp(min=0) * size + code.clamp(0, size - 1)).contiguous()
+            pos = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)
+            found = (keys[pos] == query) & (node >= 0) & (code >= 0) & (code < size)
+            node = torch.where(found, pos, -1)
         return torch.where(node >= 0, self.leaf_item[node.clamp(min=0)], -1)
 
 

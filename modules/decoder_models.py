@@ -18,9 +18,12 @@ from modules.semantic_ids import SemanticIdTokenizer
 from modules.tokens import TokenLayout
 from modules.training import fingerprint
 from modules.transformers.gpt import GPT, GPTConfig
+from modules.transformers.recgpt import build_recgpt
 from modules.transformers.t5 import T5, T5Config
 
 # Calling these (not the raw dataclasses) applies the gin bindings of T5Config.* / GPTConfig.*.
+# RecGPT is sized by GPTConfig.* too (one set of decoder sizes, e.g. bench/configs/cpu_15min.gin's);
+# the rest of its config comes from the tokenizer and the data, so it has no bindings of its own.
 # gin needs them registered before a config is parsed, i.e. when the scripts import this module.
 T5ConfigBound = gin.external_configurable(T5Config)
 GPTConfigBound = gin.external_configurable(GPTConfig)
@@ -47,11 +50,20 @@ def load_tokenizer(name: str, dataset) -> SemanticIdTokenizer:
     return tok
 
 
-def build_model(architecture: str, layout: TokenLayout | None, dataset) -> torch.nn.Module:
+def build_model(architecture: str, layout: TokenLayout | None, dataset,
+                tokenizer: SemanticIdTokenizer | None = None) -> torch.nn.Module:
+    """``tokenizer``: needed by 'recgpt' only (its item codes and how its codes chunk the text)."""
     if architecture == "t5":
         return T5(T5ConfigBound(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size))
     if architecture == "gpt":
         return GPT(GPTConfigBound(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size))
+    if architecture == "recgpt":
+        from data.prepare import load_item_embeddings  # the text its inputs add (a fixed buffer)
+
+        if tokenizer is None:
+            raise ValueError("build_model: architecture 'recgpt' needs the tokenizer (its item codes)")
+        sizes = GPTConfigBound(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size)
+        return build_recgpt(sizes, layout, tokenizer, load_item_embeddings(dataset))
     # Positions = the evaluation histories' length (training segments feed at most as many).
     return SASRec(SASRecConfigBound(num_items=dataset.num_items, max_len=dataset.max_history))
 

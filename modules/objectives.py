@@ -1,6 +1,7 @@
 """Training losses of the recommenders: next-item cross-entropy over the item's code tokens,
 either one sliding window per target (T5 and GPT) or every target of a whole sequence in one
-causal pass (GPT only); and, for the ID-based SASRec, a full softmax over all items at every
+causal pass (GPT; RecGPT's block-causal pass predicts an item's L codes in parallel:
+:func:`next_item_block_loss`); and, for the ID-based SASRec, a full softmax over all items at every
 position of a sequence (:func:`full_softmax_loss`).
 
 All return (summed cross-entropy, number of labels: code tokens or items), so callers can
@@ -57,6 +58,31 @@ def all_positions_loss(model, layout: TokenLayout, item_codes: torch.Tensor, ite
         labels = input_ids[sel, :width][is_label[sel, :width]]  # row-major, as the predicting positions
         total = total + F.cross_entropy(logits.float(), labels, reduction="sum")
     return total, int(is_label.sum())
+
+
+def next_item_block_loss(model, layout: TokenLayout, item_codes: torch.Tensor, items: torch.Tensor,
+                         amp: torch.dtype | None = None, chunk: int | None = None) -> tuple[torch.Tensor, int]:
+    """RecGPT's loss (:class:`modules.transformers.recgpt.RecGPT`): each row a whole segment of items
+    (oldest first, -1 padded), one block-causal pass; position l of item t's block predicts code l
+    of item t + 1 (cross-entropy over level l's codes) for every item after the first. Returns
+    (summed cross-entropy, number of labels: L per target); equals scoring each target from its
+    history alone (tested)."""
+    input_ids, mask = layout.encode_history(items, item_codes)
+    L = layout.num_levels
+    predict = torch.zeros_like(mask)
+    predict[:, :-L] = mask[:, L:]  # a block predicts the next one, when there is a next one
+    labels = torch.zeros_like(input_ids)
+    labels[:, :-L] = input_ids[:, L:]  # the token L positions on: same level, next item
+    level = torch.arange(input_ids.shape[1], device=input_ids.device) % L
+    total = torch.zeros((), device=input_ids.device)
+    for sel, width in length_chunks(mask.sum(1), chunk):
+        rows = predict[sel, :width]
+        with _autocast(input_ids.device, amp):
+            logits = model.next_item_logits(input_ids[sel, :width], mask[sel, :width], rows)
+        for lvl, level_logits in enumerate(logits):  # row-major, as the predicting positions
+            target = labels[sel, :width][rows & (level[:width] == lvl)] - layout.offsets[lvl]
+            total = total + F.cross_entropy(level_logits.float(), target, reduction="sum")
+    return total, int(predict.sum())
 
 
 # Above this many logits (targets x items) per batch, full_softmax_loss recomputes each chunk's

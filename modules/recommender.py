@@ -8,7 +8,7 @@ the last from huggingface_hub's ``ModelHubMixin``)::
     config.json          architecture, model config, decoding settings, the run it came from
     model.safetensors    the weights (best-validation checkpoint)
     items.json           {"raw_id": [...], "title": [...]}, row = item_id
-    tokenizer/           SemanticIdTokenizer (t5, gpt) or ActionPieceTokenizer (actionpiece)
+    tokenizer/           SemanticIdTokenizer (t5, gpt, recgpt) or ActionPieceTokenizer (actionpiece)
     README.md            model card: dataset, split, tokenizer, metrics, command, gin config
 
 ``from_pretrained`` also takes a train run's ``out_dir``: its ``recommender/`` folder (written at
@@ -45,7 +45,8 @@ ITEMS_FILE = "items.json"
 TOKENIZER_DIR = "tokenizer"
 CARD_FILE = "README.md"
 RUN_EXPORT = "recommender"  # the folder train scripts write into their out_dir
-ARCHITECTURES = ("t5", "gpt", "sasrec", "actionpiece")
+ARCHITECTURES = ("t5", "gpt", "recgpt", "sasrec", "actionpiece")
+SEMANTIC_ID = ("t5", "gpt", "recgpt")  # beam search over a SemanticIdTokenizer's item trie
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -87,6 +88,9 @@ def _build_model(architecture: str, model_config: dict) -> torch.nn.Module:
     if architecture == "gpt":
         from modules.transformers.gpt import GPT, GPTConfig
         return GPT(GPTConfig.from_dict(model_config))
+    if architecture == "recgpt":  # item codes and text embeddings come with the weights (buffers)
+        from modules.transformers.recgpt import RecGPT, RecGPTConfig
+        return RecGPT(RecGPTConfig.from_dict(model_config))
     if architecture == "sasrec":
         from modules.sasrec import SASRec, SASRecConfig
         return SASRec(SASRecConfig(**model_config))
@@ -99,7 +103,7 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
 
     ``config``: ``architecture`` (t5, gpt, sasrec, actionpiece), ``model_config`` (the model's
     dataclass as a dict), ``max_history`` (histories are cut to their last items), and per
-    architecture ``layout`` + ``beam_size`` (t5, gpt), ``output_vocab`` + ``num_beams`` +
+    architecture ``layout`` + ``beam_size`` (t5, gpt, recgpt), ``output_vocab`` + ``num_beams`` +
     ``n_inference_ensemble`` + ``eval_seed`` (actionpiece), ``batch_size``; ``run``: what
     produced it (dataset, metrics, command, gin config), for the model card.
     """
@@ -122,7 +126,7 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
             raise ValueError("GenerativeRecommender: the item table repeats a raw item id")
         self.max_history = int(config["max_history"])
         self.layout = self.trie = self.item_codes = self.ap_layout = self.decoder = None
-        if arch in ("t5", "gpt"):
+        if arch in SEMANTIC_ID:
             from modules.beam_search import PrefixTrie
             from modules.tokens import TokenLayout
             self.layout = TokenLayout.from_dict(config["layout"])
@@ -309,8 +313,9 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
     def model_card(self) -> str:
         run = self.config.get("run") or {}
         name = {"t5": "TIGER (T5 encoder-decoder over semantic IDs)", "gpt": "GPT decoder over semantic IDs",
+                "recgpt": "RecGPT (block-causal decoder over semantic IDs + item text)",
                 "sasrec": "SASRec (item IDs)", "actionpiece": "ActionPiece (T5)"}[self.architecture]
-        if self.architecture in ("t5", "gpt"):
+        if self.architecture in SEMANTIC_ID:
             tok = (f"semantic IDs, codebook sizes {list(self.layout.codebook_sizes)}, "
                    f"{self.layout.num_user_buckets} hashed user tokens, beam {self.config['beam_size']}")
         elif self.architecture == "actionpiece":
@@ -399,7 +404,7 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
                 from None
         items = json.loads((folder / ITEMS_FILE).read_text(encoding="utf-8"))
         tokenizer = None
-        if arch in ("t5", "gpt"):
+        if arch in SEMANTIC_ID:
             from modules.semantic_ids import SemanticIdTokenizer
             tokenizer = SemanticIdTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
         elif arch == "actionpiece":
@@ -461,7 +466,7 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
         run = run_info(result) if result else {"dataset": dataset.name, "config": state.get("config")}
         if "architecture" in state:  # train_decoder.py
             arch = state["architecture"]
-            key = {"t5": "T5Config.", "gpt": "GPTConfig.", "sasrec": "SASRecConfig."}[arch]
+            key = {"t5": "T5Config.", "gpt": "GPTConfig.", "recgpt": "GPTConfig.", "sasrec": "SASRecConfig."}[arch]
             model_config = {k[len(key):]: value(k) for k in bindings if k.startswith(key)}
             tok = layout = None
             if arch == "sasrec":
@@ -476,6 +481,8 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
                 if tok.raw_ids is not None:
                     tok.check_raw_ids(dataset.items["raw_id"].to_list())
                 model_config.update(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size)
+            if arch == "recgpt":  # sizes of its item tables too: the config the run saved (train_decoder.py)
+                model_config = state["model_config"]
             model = _build_model(arch, model_config)
             beam = result.get("beam_size", value("train_decoder.beam_size", 20))  # 20: train_decoder's default
             rec = from_training(model, arch, tok, dataset, layout=layout, beam_size=beam,
@@ -531,7 +538,7 @@ def from_training(model, architecture: str, tokenizer, dataset, *, run: dict | N
     tokenizer, the ``data.dataset.SeqDataset``); ``checkpoint``: the best.pt it was made from."""
     config: dict[str, Any] = {"architecture": architecture, "model_config": model.config.to_dict(),
                               "max_history": int(dataset.max_history), "dataset": dataset.name}
-    if architecture in ("t5", "gpt"):
+    if architecture in SEMANTIC_ID:
         config.update(layout=layout.to_dict(), beam_size=int(beam_size), batch_size=int(batch_size or 256))
     elif architecture == "actionpiece":
         config.update(output_vocab=output_vocab, num_beams=int(num_beams), n_inference_ensemble=int(n_inference_ensemble),

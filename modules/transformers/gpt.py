@@ -119,9 +119,20 @@ class GPTDecodingState(DecodingState):
     first_log_probs: torch.Tensor | None = None  # (n, 1, V_out): what the history's last position predicts
 
 
-class GPT(nn.Module):
-    """Decoder-only recommender; ``forward(input_ids, attention_mask, decoder_input_ids)``
-    returns the logits of the ``decoder_input_ids`` positions only (n, T, V_out)."""
+def block_causal_allowed(keep: torch.Tensor, block: int = 1) -> torch.Tensor:
+    """(n, 1, S, S) bool: position i may attend to real (``keep`` (n, S)) position j when j's block
+    (j // ``block``) is not after i's: causal across blocks, bidirectional inside one; ``block``
+    1 is the plain causal mask. Each position also sees itself so that all-padding rows stay
+    finite (no NaN grads)."""
+    pos = torch.arange(keep.shape[1], device=keep.device)
+    blk = pos // block
+    return ((blk[None, :] <= blk[:, None]) & keep[:, None, None, :]) | (pos[None, :] == pos[:, None])
+
+
+class DecoderStack(nn.Module):
+    """Token embedding, RoPE transformer blocks, final norm and output layer: shared by
+    :class:`GPT` and :class:`modules.transformers.recgpt.RecGPT` (which differ in their
+    inputs, attention mask and what the outputs predict)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -151,20 +162,26 @@ class GPT(nn.Module):
             return self.lm_head(h)
         return F.linear(h, self.embed.weight[: self.config.output_vocab_size])
 
-    def _run(self, ids: torch.Tensor, keep: torch.Tensor):
-        """Causal pass over left-aligned ids (n, S) -> hidden states and per-layer (k, v)."""
-        S = ids.shape[1]
-        pos = torch.arange(S, device=ids.device)
-        # Each position also sees itself so that all-padding rows stay finite (no NaN grads).
-        allowed = ((pos[None, :] <= pos[:, None]) & keep[:, None, None, :]) | (pos[None, :] == pos[:, None])
-        mask = additive_mask(allowed)  # (n, 1, S, S)
-        cos, sin = self.rotary.cos_sin(pos)
-        x = self.drop(self.embed(ids))
+    def embed_inputs(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Input vectors (n, S, D) of token ids (n, S): the token embeddings."""
+        return self.embed(ids)
+
+    def _run(self, ids: torch.Tensor, keep: torch.Tensor, block: int = 1):
+        """Causal pass over ids (n, S) (GPT: left-aligned) -> hidden states and per-layer (k, v);
+        ``block`` > 1: block-causal (:func:`block_causal_allowed`)."""
+        mask = additive_mask(block_causal_allowed(keep, block))  # (n, 1, S, S)
+        cos, sin = self.rotary.cos_sin(torch.arange(ids.shape[1], device=ids.device))
+        x = self.drop(self.embed_inputs(ids, keep))
         kvs = []
         for block in self.blocks:
             x, kv = block(x, mask, cos, sin)
             kvs.append(kv)
         return x, kvs
+
+
+class GPT(DecoderStack):
+    """Decoder-only recommender; ``forward(input_ids, attention_mask, decoder_input_ids)``
+    returns the logits of the ``decoder_input_ids`` positions only (n, T, V_out)."""
 
     def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
         """Logits (n, T, V_out) for the T labels whose teacher-forcing inputs are

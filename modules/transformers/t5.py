@@ -279,7 +279,9 @@ class T5(nn.Module):
         weight = self.embed.weight[: self.config.output_vocab_size]
         return F.linear(h * self.config.d_model**-0.5, weight)
 
-    def decode(self, decoder_input_ids, memory_kv, memory_mask) -> torch.Tensor:
+    def decode_states(self, decoder_input_ids, memory_kv, memory_mask) -> torch.Tensor:
+        """Teacher-forced final decoder hidden states (n, T, D), the input of :meth:`output_logits`
+        (ETEGRec aligns the first position's state, the one that predicts the first code)."""
         T = decoder_input_ids.shape[1]
         pos = torch.arange(T, device=decoder_input_ids.device)
         causal = additive_mask(pos[None, :] <= pos[:, None])
@@ -287,7 +289,10 @@ class T5(nn.Module):
         x = self.drop(self.embed(decoder_input_ids))
         for layer, kv in zip(self.decoder_layers, memory_kv):
             x = layer(x, self_mask, kv, memory_mask)
-        return self.output_logits(self.drop(self.decoder_norm(x)))
+        return self.drop(self.decoder_norm(x))
+
+    def decode(self, decoder_input_ids, memory_kv, memory_mask) -> torch.Tensor:
+        return self.output_logits(self.decode_states(decoder_input_ids, memory_kv, memory_mask))
 
     def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
         """Teacher-forced logits (n, T, output_vocab_size)."""
