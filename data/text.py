@@ -416,3 +416,34 @@ def embed_items(
     _atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     log.info("embedded %d items with %s in %.1fs -> %s", n, model, seconds, npy)
     return emb
+
+
+def load_embedding_file(items: pl.DataFrame, npy: str | os.PathLike) -> np.ndarray:
+    """Item embeddings that :func:`embed_items` cached earlier, read from a copy of its files
+    (``NAME.npy`` + the manifest ``NAME.json``) without the encoder: e.g. on a machine where the
+    encoder is not installed. Refused unless the manifest's items, in order, and their texts
+    under its template are exactly this table's; the encoder is the one the manifest names."""
+    npy = Path(npy)
+    manifest_path = npy.with_suffix(".json")
+    for f in (npy, manifest_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found (item embeddings file: an embeddings-*.npy written by "
+                                    "embed_items, with its .json manifest beside it)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{manifest_path}: cannot read the manifest ({e})") from e
+    raw_ids = _check_table(items)
+    texts = item_texts(items, manifest.get("template", ""))
+    texts = [t or f"Item {r}" for t, r in zip(texts, raw_ids)]  # as embed_items embeds items without text
+    if manifest.get("n_items") != len(raw_ids) or manifest.get("item_order_hash") != _sha(raw_ids)[:16]:
+        raise ValueError(f"{manifest_path}: embeddings of {manifest.get('n_items')} other items (or another item "
+                         f"order) than these {len(raw_ids)}")
+    if manifest.get("texts_hash") != _sha(texts)[:16]:
+        raise ValueError(f"{manifest_path}: the item texts differ from the ones embedded (template "
+                         f"{manifest.get('template')!r})")
+    emb = _load_cached(npy, manifest_path, manifest.get("key"), len(raw_ids))
+    if emb is None:
+        raise ValueError(f"{npy}: unreadable, or not float32 ({len(raw_ids)}, {manifest.get('dim')}) and finite")
+    log.info("item embeddings of %s from %s", manifest.get("model"), npy)
+    return emb

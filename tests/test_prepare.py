@@ -38,3 +38,27 @@ def test_prepare_bad_input_exits_with_message(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "data.prepare", "p5", "--path", str(tmp_path), "--cache-dir",
                            str(tmp_path / "c")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and "sequential_data.txt:2" in proc.stderr
+
+
+def test_cache_follows_file_contents_not_paths_or_mtimes(tmp_path):
+    """A fresh copy of the same input files (another folder, new mtimes) reuses the cache; an
+    edited file does not."""
+    import os
+    import shutil
+
+    from data.prepare import load_dataset
+
+    first = tmp_path / "a" / "beauty"
+    first.mkdir(parents=True)
+    (first / "sequential_data.txt").write_text("1 1 2 3\n2 2 3 1 4\n3 1 2 4\n")
+    copy = tmp_path / "b" / "beauty"
+    shutil.copytree(first, copy)
+    os.utime(copy / "sequential_data.txt", (1_000_000, 1_000_000))
+
+    def path_of(folder):
+        return load_dataset(source="p5", path=str(folder), min_count=1, cache_dir=str(tmp_path / "cache"),
+                            verbose=False).path
+
+    assert path_of(first) == path_of(copy)
+    (copy / "sequential_data.txt").write_text("1 1 2 3\n2 2 3 1 4\n3 1 2 3\n")
+    assert path_of(copy) != path_of(first)

@@ -195,3 +195,36 @@ def test_examples_sample_is_a_fixed_random_subset_in_order():
     assert not np.array_equal(a.user, np.arange(10))  # not simply the first ten
     assert not np.array_equal(ex.sample(10, seed=4).user, a.user)
     assert ex.sample(None) is ex and ex.sample(n + 5) is ex
+
+
+def _previous_csv_reader(folder):
+    """The CSV releases' ratings as the reader had them before its 32-bit ids and strict null
+    check: i64 columns inferred by polars, the row index as ``order``."""
+    events = pl.read_csv(folder / "ratings.csv").with_row_index("order").select(
+        pl.col("userId").alias("user"), pl.col("movieId").alias("item"), "timestamp", pl.col("order").cast(pl.Int64))
+    return RawData(name="movielens-32m", events=events, items=movielens.load("32m", path=folder).items)
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_csv_reader_gives_the_previous_splits(real, tmp_path, request):
+    """ML-32M's reader (narrow dtypes) must not change what the model trains and is tested on."""
+    if real:
+        folder = request.getfixturevalue("shared_data") / "movielens" / "ml-latest-small"
+    else:  # sparse ids, rows sorted by user then movie, timestamps out of order with ties
+        rng = np.random.default_rng(0)
+        users = np.repeat(np.arange(1, 41) * 7, 12)
+        items = np.concatenate([np.sort(rng.choice(np.arange(1, 30) * 13, 12, replace=False)) for _ in range(40)])
+        folder = tmp_path
+        pl.DataFrame({"userId": users, "movieId": items, "rating": rng.integers(1, 11, len(users)) / 2,
+                      "timestamp": rng.integers(100, 110, len(users))}).write_csv(folder / "ratings.csv")
+        pl.DataFrame({"movieId": np.arange(1, 30) * 13, "title": "Heat (1995)", "genres": "Action"}) \
+            .write_csv(folder / "movies.csv")
+    new = preprocess(movielens.load("32m", path=folder))
+    old = preprocess(_previous_csv_reader(folder))
+    assert new.sequences.equals(old.sequences) and new.items.equals(old.items)
+    a, b = (SeqDataset.from_tables("ml", t, max_history=5) for t in (new, old))
+    pairs = [(a.train_examples().materialize(), b.train_examples().materialize())]
+    pairs += [(a.eval_examples(split), b.eval_examples(split)) for split in ("valid", "test")]
+    for x, y in pairs:
+        assert all(np.array_equal(u, v) for u, v in zip(x, y))
+    assert a.fingerprint() == b.fingerprint() and a.num_users > 1

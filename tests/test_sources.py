@@ -14,6 +14,7 @@ from data.download import DownloadError
 from data.preprocess import preprocess
 from data.sources import amazon2014, movielens, p5, recbole
 from data.sources.base import DataFormatError
+from data.text import item_texts
 from tests.http_server import serve
 
 # ---------------------------------------------------------------- fixtures in real formats
@@ -51,6 +52,31 @@ def ml_zip(path: Path, name: str = "ml-1m") -> Path:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(f"{name}/ratings.dat", ratings)
         zf.writestr(f"{name}/movies.dat", movies.encode("latin-1"))
+    return path
+
+
+# ml-32m.zip's layout: one top folder; CSVs with a header, rows sorted by user then movie (not
+# by time), titles quoted when they hold a comma or a quote, years in the title (a range for
+# series, none for some), a trailing space, "(no genres listed)"; README, links and tags beside.
+ML32M_RATINGS = ("userId,movieId,rating,timestamp\n"
+                 "1,17,4.0,944249077\n1,25,1.0,944250228\n1,29,2.0,943230976\n1,30,5.0,944249077\n"
+                 "2,17,3.5,1112486027\n2,29,0.5,1112484676\n")
+ML32M_MOVIES = ('movieId,title,genres\n'
+                '17,"American President, The (1995)",Comedy|Drama|Romance\n'
+                '25,"""Great Performances"" Cats (1998)",Musical\n'
+                '29,"City of Lost Children, The (Cité des enfants perdus, La) (1995)",Adventure|Drama|Fantasy\n'
+                '30,Death Note: Desu nôto (2006–2007),(no genres listed)\n'
+                '31,Babylon 5,Sci-Fi\n'
+                '32,Runaway Brain (1995) ,Animation|Comedy|Sci-Fi\n')
+
+
+def ml_csv_zip(path: Path, name: str = "ml-32m") -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(f"{name}/ratings.csv", ML32M_RATINGS)
+        zf.writestr(f"{name}/movies.csv", ML32M_MOVIES.encode())
+        zf.writestr(f"{name}/links.csv", "movieId,imdbId,tmdbId\n17,0112346,9087\n")
+        zf.writestr(f"{name}/tags.csv", "userId,movieId,tag,timestamp\n1,17,politics,944249077\n")
+        zf.writestr(f"{name}/README.txt", "Summary\n=======\n")
     return path
 
 
@@ -201,9 +227,14 @@ def test_bad_p5_and_recbole_and_csv(tmp_path):
     (ml / "movies.csv").write_text("movieId,title,genres\n2,X (2000),Drama\n")
     with pytest.raises(DataFormatError, match=r"ratings\.csv:1: expected header"):
         movielens.load("32m", path=ml)
-    (ml / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,3.0,4\n1,abc,3.0,5\n")
-    with pytest.raises(DataFormatError, match=r"ratings\.csv"):
-        movielens.load("32m", path=ml)
+    for body, message in [("1,abc,3.0,5", r"ratings\.csv:3: field 'movieId' must be an integer"),
+                          ("1,3,,5", r"ratings\.csv:3: field 'rating' must be a number, got '1,3,,5'"),
+                          ("1,3,4.0", r"ratings\.csv:3: expected 4 fields"),
+                          ("1,3,4.0,5,6", r"ratings\.csv:3: expected 4 fields"),
+                          ("1,3,4.0,1e9", r"ratings\.csv:3: field 'timestamp' must be an integer")]:
+        (ml / "ratings.csv").write_text(f"userId,movieId,rating,timestamp\n1,2,3.0,4\n{body}\n")
+        with pytest.raises(DataFormatError, match=message):
+            movielens.load("32m", path=ml)
     dat = tmp_path / "dat"
     dat.mkdir()
     (dat / "ratings.dat").write_text("1::2::3::4\n1::2::x::5\n")
@@ -284,3 +315,49 @@ def test_movielens_zip_download_and_corrupt_zip(tmp_path):
         with pytest.raises(DownloadError, match="zip"):
             movielens.load("1m", cache_dir=tmp_path / "c2", base_url=url)
     assert _cache_files(tmp_path / "c2") == []
+
+
+def test_movielens_32m_download_csv_layout(tmp_path):
+    """ml-32m.zip from the GroupLens URL layout, through load_dataset (what configs/data/ml32m.gin
+    runs), then from the cache without the network."""
+    from data.prepare import load_dataset
+
+    assert movielens.DEFAULT_BASE_URL + "ml-32m.zip" == "https://files.grouplens.org/datasets/movielens/ml-32m.zip"
+    site = tmp_path / "site"
+    site.mkdir()
+    ml_csv_zip(site / "ml-32m.zip")
+    cache = tmp_path / "cache"
+    with serve(site) as url:
+        ds = load_dataset("movielens", version="32m", base_url=url, cache_dir=str(cache), min_count=1, verbose=False)
+        assert url.count("ml-32m.zip") == 1
+        raw = movielens.load("32m", cache_dir=cache, base_url=url)  # unpacked folder reused
+        assert url.count("ml-32m.zip") == 1
+    assert sorted(p.name for p in (cache / "raw" / "movielens" / "ml-32m").iterdir()) == [
+        "README.txt", "links.csv", "movies.csv", "ratings.csv", "tags.csv"]
+    assert raw.events.height == 6 and raw.events["user"].dtype.is_integer()
+    items = {r["raw_id"]: r for r in raw.items.iter_rows(named=True)}
+    assert (items["17"]["title"], items["17"]["year"]) == ("The American President", 1995)
+    assert items["17"]["genres"] == "Comedy, Drama, Romance"
+    assert items["25"]["title"] == '"Great Performances" Cats'
+    assert items["29"]["title"] == "The City of Lost Children (Cité des enfants perdus, La)"
+    assert (items["30"]["title"], items["30"]["year"], items["30"]["genres"]) == ("Death Note: Desu nôto", 2006, None)
+    assert (items["31"]["title"], items["31"]["year"]) == ("Babylon 5", None)
+    assert (items["32"]["title"], items["32"]["year"]) == ("Runaway Brain", 1995)
+    # user 2 has 2 ratings, too few for leave-one-out; user 1's in time order (the file is sorted
+    # by movie), the tie of 17 and 30 at 944249077 in file order
+    raw_of = ds.items["raw_id"].to_list()
+    assert ds.raw_users == ["1"] and [raw_of[i] for i in ds.sequence(0)] == ["29", "17", "30", "25"]
+    texts = item_texts(ds.items)
+    assert texts[raw_of.index("17")] == "Title: The American President. Genres: Comedy, Drama, Romance. Year: 1995."
+
+
+def test_movie_titles_year_and_article():
+    titles = ["Toy Story (1995)", "Runaway Brain (1995) ", "Babylon 5", "Sherlock (2010– )",
+              "Good, the Bad and the Ugly, The (Buono, il brutto, il cattivo, Il) (1966)",
+              "Auberge espagnole, L' (2002)", "Misérables, Les (1995)", "Few Good Men, A (1992)",
+              "Hello, Dolly! (1969)", "1900 (Novecento) (1976)", "(500) Days of Summer (2009)"]
+    got = pl.DataFrame({"t": titles}).select(movielens._split_title(pl.col("t"))).rows()
+    assert got == [("Toy Story", 1995), ("Runaway Brain", 1995), ("Babylon 5", None), ("Sherlock", 2010),
+                   ("The Good, the Bad and the Ugly (Buono, il brutto, il cattivo, Il)", 1966),
+                   ("L'Auberge espagnole", 2002), ("Les Misérables", 1995), ("A Few Good Men", 1992),
+                   ("Hello, Dolly!", 1969), ("1900 (Novecento)", 1976), ("(500) Days of Summer", 2009)]

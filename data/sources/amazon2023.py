@@ -138,6 +138,8 @@ def read_reviews(path: Path, block_bytes: int = BLOCK_BYTES) -> pl.DataFrame:
     path = Path(path)
     frames = []
     for first, lines in _line_blocks(path, block_bytes):
+        if not any(line.strip() for line in lines):  # blank lines only (polars 1.x panics on them)
+            continue
         try:
             df = pl.read_ndjson(io.BytesIO(b"".join(lines)), schema=REVIEW_FIELDS)
         except Exception as polars_error:  # noqa: BLE001 - re-raised below with file and line

@@ -1,7 +1,9 @@
 """MovieLens from the GroupLens zips: 100K, 1M (``::``-separated, latin-1) and the CSV
 releases (latest-small, 20M, 25M, 32M: ``ratings.csv`` + ``movies.csv``).
 
-Item text = title (the trailing "(1995)" moved to ``year``) + genres.
+Item text = title + year + genres. Titles carry the year ("Toy Story (1995)"; a series
+"(2006–2007)": its first year; some titles have none) and file a leading article after the
+name ("Matrix, The", "Misérables, Les"): the year goes to ``year``, the article back in front.
 """
 
 from __future__ import annotations
@@ -98,12 +100,26 @@ def _need(folder: Path, name: str) -> Path:
     return f
 
 
-def _split_year(titles: pl.Expr) -> list[pl.Expr]:
-    pattern = r"^(.*?)\s*\((\d{4})\)\s*$"
-    return [
-        pl.coalesce(titles.str.extract(pattern, 1), titles).str.strip_chars().alias("title"),
-        titles.str.extract(pattern, 2).cast(pl.Int64).alias("year"),
-    ]
+# What this reader makes of the files; part of the cache key, so a change re-reads them.
+# 2: year ranges parsed, articles moved back in front of titles.
+READER_VERSION = 2
+
+# The year in parentheses at the end of a title, or a series' range "(2006–2007)", "(2019– )"
+# (en dash or hyphen); trailing spaces occur in the files.
+_YEAR = r"^(.*?)\s*\((\d{4})(?:\s*[-–]\s*(?:\d{4})?\s*)?\)\s*$"
+# "Matrix, The" -> "The Matrix", also before an alternative title in parentheses:
+# "Postman, The (Postino, Il)" -> "The Postman (Postino, Il)". Capitalised articles only, so
+# "Good, the Bad and the Ugly, The" keeps its inner "the".
+_ARTICLE = r"^([^(]*?), (The|A|An|Les|La|Le|Il|Lo|Der|Die|Das|El|Los|Las)(\s*\(.*\))?$"
+_ELIDED = r"^([^(]*?), (L')(\s*\(.*\))?$"  # "Auberge espagnole, L'" -> "L'Auberge espagnole"
+
+
+def _split_title(titles: pl.Expr) -> list[pl.Expr]:
+    """``title`` without its year and with its article in front, and ``year`` (null when the
+    title has none; the title is then kept whole)."""
+    title = pl.coalesce(titles.str.extract(_YEAR, 1), titles).str.strip_chars()
+    title = title.str.replace(_ARTICLE, "${2} ${1}${3}").str.replace(_ELIDED, "${2}${1}${3}")
+    return [title.alias("title"), titles.str.extract(_YEAR, 2).cast(pl.Int64).alias("year")]
 
 
 def _read_table(path: Path, separator: str, names: list[str], encoding: str = "utf8",
@@ -148,7 +164,7 @@ def _read_100k(folder: Path):
     movies = _read_table(_need(folder, "u.item"), "|", ["raw_id", "raw_title", "release", "video", "url",
                                                         *_ML100K_GENRES], encoding="latin-1")
     genres = pl.concat_list([pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in _ML100K_GENRES]).list.drop_nulls()
-    items = movies.select("raw_id", *_split_year(pl.col("raw_title")), genres.list.join(", ").alias("genres"))
+    items = movies.select("raw_id", *_split_title(pl.col("raw_title")), genres.list.join(", ").alias("genres"))
     return _ratings(ratings, folder / "u.data"), items, [folder / "u.data", folder / "u.item"]
 
 
@@ -156,35 +172,59 @@ def _read_dat(folder: Path):
     ratings_path = _need(folder, "ratings.dat")
     ratings = _read_table(ratings_path, "::", ["user", "item", "rating", "timestamp"])
     movies = _read_table(_need(folder, "movies.dat"), "::", ["raw_id", "raw_title", "genres"], encoding="latin-1")
-    items = movies.select("raw_id", *_split_year(pl.col("raw_title")),
+    items = movies.select("raw_id", *_split_title(pl.col("raw_title")),
                           pl.col("genres").str.replace_all("|", ", ", literal=True))
     return _ratings(ratings, ratings_path), items, [ratings_path, folder / "movies.dat"]
 
 
+# ratings.csv of the CSV releases. Ids fit 32 bits (ML-32M: users to 200,948, movies to
+# 292,757): half the memory of i64 for 32M rows; a larger id is a parse error naming its line.
+_RATINGS_SCHEMA = {"userId": pl.Int32, "movieId": pl.Int32, "rating": pl.Float64, "timestamp": pl.Int64}
+
+
+def _bad_ratings_line(path: Path) -> str:
+    """The first malformed data line of a ratings.csv, as ``path:line: what`` (only called after
+    the fast typed read failed or found a missing value, so its cost does not matter)."""
+    lines = pl.read_csv(path, has_header=False, skip_rows=1, separator="\x1f", quote_char=None,
+                        schema={"line": pl.String})["line"]
+    fields = lines.str.split(",")
+    blank = lines.str.strip_chars().fill_null("") == ""  # skipped by the reader, not an error
+    checks = [(fields.list.len() != len(_RATINGS_SCHEMA), f"expected {len(_RATINGS_SCHEMA)} fields")]
+    for i, (name, dtype) in enumerate(_RATINGS_SCHEMA.items()):
+        kind = {pl.Int32: "an integer below 2^31", pl.Int64: "an integer", pl.Float64: "a number"}[dtype]
+        value = fields.list.get(i, null_on_oob=True).cast(dtype, strict=False)
+        checks.append((value.is_null(), f"field '{name}' must be {kind}"))
+    for bad, what in checks:
+        bad = bad & ~blank
+        if bad.any():
+            row = int(bad.arg_max())
+            return f"{path}:{row + 2}: {what}, got {lines[row]!r}"
+    return f"{path}: malformed ratings"
+
+
 def _read_csv(folder: Path):
     ratings_path = _need(folder, "ratings.csv")
-    # Read lazily with typed columns: ML-32M has 32M rows, kept as 4 numeric columns.
     try:
         head = ratings_path.open().readline().strip().split(",")
     except UnicodeDecodeError as e:
         raise DataFormatError(f"{ratings_path}:1: not UTF-8 text") from e
-    expected = ["userId", "movieId", "rating", "timestamp"]
-    if head[:4] != expected:
+    expected = list(_RATINGS_SCHEMA)
+    if head != expected:
         raise DataFormatError(f"{ratings_path}:1: expected header {expected}, got {head}")
-    try:
-        events = (
-            pl.scan_csv(ratings_path, schema={"userId": pl.Int64, "movieId": pl.Int64, "rating": pl.Float64,
-                                              "timestamp": pl.Int64}, has_header=True)
-            .with_row_index("order")
-            .select(pl.col("userId").alias("user"), pl.col("movieId").alias("item"), "rating", "timestamp",
-                    pl.col("order").cast(pl.Int64))
-            .collect()
-        )
+    try:  # typed, multi-threaded parse straight into narrow columns (no string stage)
+        events = (pl.scan_csv(ratings_path, schema=_RATINGS_SCHEMA, has_header=True).with_row_index("order")
+                  .collect())
     except pl.exceptions.PolarsError as e:
-        raise DataFormatError(f"{ratings_path}: malformed ratings ({str(e).splitlines()[0]})") from e
+        raise DataFormatError(_bad_ratings_line(ratings_path)) from e
+    if events.null_count().sum_horizontal().item():  # blank lines, empty fields, short lines: nulls
+        events = events.filter(~pl.all_horizontal(pl.exclude("order").is_null()))  # blank lines are skipped
+        if events.null_count().sum_horizontal().item():
+            raise DataFormatError(_bad_ratings_line(ratings_path))
+    events = events.select(pl.col("userId").alias("user"), pl.col("movieId").alias("item"), "rating", "timestamp",
+                           pl.col("order").cast(pl.Int64))
     movies = _read_table(_need(folder, "movies.csv"), ",", ["movieId", "title", "genres"], has_header=True)
     items = movies.select(
-        pl.col("movieId").cast(pl.Int64).alias("raw_id"), *_split_year(pl.col("title")),
+        pl.col("movieId").cast(pl.Int64).alias("raw_id"), *_split_title(pl.col("title")),
         pl.when(pl.col("genres") == "(no genres listed)").then(None)
         .otherwise(pl.col("genres").str.replace_all("|", ", ", literal=True)).alias("genres"),
     )
