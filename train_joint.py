@@ -16,9 +16,9 @@ tokenizer epoch (L_SQ + mu SIA + lambda PSA, recommender frozen) and ``cycle`` -
 epochs (L_REC + mu SIA + lambda PSA, tokenizer frozen), SIA / PSA off for ``warm_epochs``, all
 codes recomputed after each tokenizer epoch, validation NDCG@10 every ``eval_every_epochs``
 with early stopping -> stage 2 in ``out_dir/finetune``: stage 1's best T5 fine-tuned on its codes
-with CE only -> test of its best checkpoint as in train_decoder.py -> ``out_dir`` saved as a
-recommender (``GenerativeRecommender.from_pretrained(out_dir)``, recommend.py) whose
-``tokenizer/`` is the final tokenizer (trained RQ-VAE + final codes). The same out_dir resumes
+with CE only -> test of its best checkpoint as in train_decoder.py -> ``out_dir/recommender``
+as train_decoder.py writes it (``GenerativeRecommender.from_pretrained(out_dir)``, recommend.py),
+whose ``tokenizer/`` is the final tokenizer (trained RQ-VAE + final codes). The same out_dir resumes
 exactly. Last stdout line: one JSON object, train_decoder.py's keys (of stage 2) plus ``joint``
 (stage 1), ``refreshes`` (items that changed code, collision rate before dedup, codebook usage
 per level) and ``final_codes``.
@@ -65,7 +65,7 @@ from modules.etegrec import JointModel, PhaseSchedule, RefreshLog, final_code_st
 from modules.evaluation import evaluate_generative
 from modules.objectives import sliding_window_loss
 from modules.quantizers.rqvae import RQVAE
-from modules.recommender import from_training, run_record
+from modules.recommender import export_run, from_training, run_record
 from modules.reporting import test_report
 from modules.semantic_ids import SemanticIdTokenizer, collision_stats
 from modules.tokens import TokenLayout
@@ -253,15 +253,14 @@ def train_joint(
     }
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()
-    # out_dir is the recommender folder (from_pretrained(out_dir)); its tokenizer/ is the final tokenizer.
+    # The recommender folder's tokenizer/ is the final tokenizer (trained RQ-VAE + final codes).
     tok = SemanticIdTokenizer(model.rqvae, codes, layout.codebook_sizes, raw_ids=dataset.items["raw_id"].to_list())
     rec = from_training(t5, "t5", tok, dataset, layout=layout, beam_size=beam_size, batch_size=eval_batch_size,
                         run=run_record(result), checkpoint=out / "finetune" / "best.pt")
-    rec.save_pretrained(out)
+    folder = export_run(out, rec, push_to_hub)  # what from_pretrained(out_dir) loads, and what is pushed
+    result.update(recommender=str(folder), tokenizer=str(folder / "tokenizer"))
     if push_to_hub:
-        rec.push_to_hub(push_to_hub, commit_message="sidrec ETEGRec recommender")
         result["hub"] = push_to_hub
-    result.update(recommender=str(out), tokenizer=str(out / "tokenizer"))
     print_result(result, out)
     distributed.barrier()  # the other ranks return once rank 0's files are written
     return result

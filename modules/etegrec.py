@@ -251,19 +251,19 @@ class JointModel(nn.Module):
                 z_item, recon, sq = self.tokenizer_outputs(emb[target])
         if phase.tokenizer:
             loss = sq
-            stats["sq"] = sq.item()
+            stats["sq"] = sq.detach()
         else:
             loss = ce / count
-            stats["ce"] = loss.item()
+            stats["ce"] = loss.detach()
         codebooks = self.rqvae.codebooks if phase.tokenizer else self.rqvae.codebooks.detach()
         if sia_on:
             sia = sia_loss(code_log_probs(z_seq, codebooks), code_log_probs(z_item, codebooks))
             loss = loss + sia_weight * sia
-            stats["sia"] = sia.item()
+            stats["sia"] = sia.detach()
         if psa_on:
             psa = psa_loss(h_pref, recon, target, temperature)
             loss = loss + psa_weight * psa
-            stats["psa"] = psa.item()
+            stats["psa"] = psa.detach()
         return StepOutput(loss, stats)
 
     @torch.no_grad()

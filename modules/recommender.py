@@ -363,6 +363,8 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
                 rec = cls._load_folder(path)
             elif (path / "best.pt").is_file():
                 rec = cls.from_run(path)
+            elif (path / RUN_EXPORT / CONFIG_FILE).is_file():  # a run whose best.pt is a stage's (train_joint.py)
+                rec = cls._load_folder(path / RUN_EXPORT)
             else:
                 raise FileNotFoundError(f"{path}: neither a saved recommender ({CONFIG_FILE} + {WEIGHTS_FILE}) nor "
                                         "a train run directory (best.pt)")

@@ -550,7 +550,7 @@ class StepOutput(NamedTuple):
     logged as ``train/<name>`` beside the loss (W&B, the bar, the progress lines)."""
 
     loss: "torch.Tensor | SummedLoss"
-    metrics: dict[str, float]
+    metrics: dict[str, float | torch.Tensor]  # 0-d tensors are read only when logged
 
 
 class SummedLoss(NamedTuple):
@@ -685,7 +685,7 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
                 f"inputs, then resume or start over.")
 
     last_check, shown = step, ""
-    window: dict[str, list[float]] = {}  # step statistics since the last log line
+    window: dict[str, list] = {}  # step statistics (floats or 0-d tensors) since the last log line
     while step < stop_at and not done:
         step, epoch, idx = next(batches)
         if before_step is not None:
@@ -696,7 +696,8 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
             loss = loss_fn(idx)
             if isinstance(loss, StepOutput):
                 for k, v in loss.metrics.items():
-                    window.setdefault(k, []).append(float(v))
+                    # Tensors stay on the device until the log line (no host sync per step).
+                    window.setdefault(k, []).append(v.detach() if isinstance(v, torch.Tensor) else float(v))
                 loss = loss.loss
             if isinstance(loss, SummedLoss):
                 loss = loss.mean()
@@ -712,7 +713,7 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
             check_finite(epoch)
             last_check = step
             curves["loss"].append((step, loss.item()))
-            stats = {k: float(np.mean(v)) for k, v in window.items()}
+            stats = {k: float(np.mean([float(x) for x in v])) for k, v in window.items()}
             window = {}
             logger.log({"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
                         "train/lr": scheduler.get_last_lr()[0], **{f"train/{k}": v for k, v in stats.items()}},

@@ -46,7 +46,8 @@ def test_joint_end_to_end_and_exact_resume(setup, tmp_path):
                           "codebook_usage"}
         assert 0 <= r["changed"] <= r["changed_id"] and 0 <= r["collision_rate"] <= 1 and len(r["codebook_usage"]) == 3
     # what from_pretrained(out_dir) serves: the fine-tuned T5 with the final tokenizer
-    tok = SemanticIdTokenizer.from_pretrained(str(tmp_path / "full" / "tokenizer"))
+    assert full["tokenizer"] == str(tmp_path / "full" / "recommender" / "tokenizer")
+    tok = SemanticIdTokenizer.from_pretrained(full["tokenizer"])
     best = weights(tmp_path / "full" / "joint" / "best.pt")
     assert torch.equal(tok.item_codes, best["item_codes"]) and collision_stats(tok.item_codes)["max_group"] == 1
     rec = GenerativeRecommender.from_pretrained(tmp_path / "full", device="cpu")
