@@ -68,6 +68,7 @@ def train_decoder(
     eval_users: int | None = None,  # validate on a fixed random N users (None: all); test always uses all
     eval_batch_size: int = 256,
     beam_size: int = 20,
+    unconstrained_test: bool = True,  # also test without the item trie (invalid-ID rate): one more test pass
     patience: int | None = 10,  # evaluations without improvement before stopping; None: never
     log_every: int = 100,
     seed: int = 42,
@@ -185,7 +186,9 @@ def train_decoder(
     # ---- test the best-validation checkpoint
     load_best(model, out, identity, "train_decoder")
     # Exact ranking returns items only: nothing invalid to measure (no unconstrained search).
-    report = test_report(dataset, evaluate, valid, test, unconstrained=not sasrec)
+    report = test_report(dataset, evaluate, valid, test, unconstrained=unconstrained_test and not sasrec)
+    if not sasrec and not unconstrained_test:  # not measured, rather than test_report's 0 for exact ranking
+        report["invalid_rate"] = None
     if not distributed.is_main():  # evaluations ran sharded on every rank (above); rank 0 alone reports, exports
         logger.finish()
         distributed.barrier()

@@ -46,7 +46,10 @@ def test_decoder_end_to_end_and_exact_resume(setup, tmp_path):
 def test_popularity_baseline_known_answer(setup, tmp_path):
     from data.prepare import load_dataset
 
-    res = run(setup, tmp_path / "pop", "train_decoder.max_steps = 2", "train_decoder.eval_every = 2")
+    res = run(setup, tmp_path / "pop", "train_decoder.max_steps = 2", "train_decoder.eval_every = 2",
+              "train_decoder.unconstrained_test = False")
+    # the unconstrained pass was skipped: its invalid-ID rate is unknown, not 0
+    assert "unconstrained_test" not in res and res["invalid_rate"] is None
     gin.clear_config()
     root, base = setup
     gin.parse_config_files_and_bindings([], [b for b in base if b.startswith("load_dataset")])
