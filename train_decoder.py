@@ -69,6 +69,9 @@ def train_decoder(
     eval_batch_size: int = 256,
     beam_size: int = 20,
     unconstrained_test: bool = True,  # also test without the item trie (invalid-ID rate): one more test pass
+    # Cold-start / zero-shot test (load_dataset.cold_items or holdout_domain), semantic IDs only:
+    # TIGER's cold-start share, this many of the top 10 reserved for held-out items (0: none).
+    cold_slots: int = 0,
     patience: int | None = 10,  # evaluations without improvement before stopping; None: never
     log_every: int = 100,
     seed: int = 42,
@@ -157,12 +160,24 @@ def train_decoder(
     # semantic-ID models search all items, cold ones included (their IDs come from text).
     scorer = model if dataset.cold is None else RestrictedScores(model, ~dataset.cold)
 
-    def evaluate(examples, unconstrained: bool = False):
+    slot_tries = None  # cold_slots: the items trained on and the held-out ones, searched apart
+    if cold_slots:
+        if sasrec or dataset.cold is None:
+            raise ValueError(f"train_decoder.cold_slots = {cold_slots} needs semantic IDs (not sasrec) and a cold-start "
+                             "or zero-shot split (load_dataset.cold_items or load_dataset.holdout_domain)")
+        slot_tries = tuple(PrefixTrie(item_codes[ids], layout.codebook_sizes, item_ids=ids)
+                           for ids in (torch.as_tensor(np.flatnonzero(m), device=dev) for m in (~dataset.cold, dataset.cold)))
+
+    def evaluate(examples, unconstrained: bool = False, slots: int = 0):
         if sasrec:  # exact top-K over all items
             return evaluate_exact_topk(scorer, examples, batch_size=eval_batch_size, device=dev)
-        return evaluate_generative(model, examples, item_codes, layout, trie, beam_size=beam_size,
+        searched, cold_trie = slot_tries if slots else (trie, None)
+        return evaluate_generative(model, examples, item_codes, layout, searched, beam_size=beam_size,
                                    unconstrained=unconstrained, batch_size=eval_batch_size, use_user=use_user,
-                                   device=dev)
+                                   device=dev, cold_trie=cold_trie, cold_slots=slots)
+
+    def final_evaluate(examples, unconstrained: bool = False):  # the test report's: cold slots, if any, apply
+        return evaluate(examples, unconstrained, 0 if unconstrained else cold_slots)
 
     valid_sample = valid.sample(eval_users, seed)
 
@@ -186,7 +201,7 @@ def train_decoder(
     # ---- test the best-validation checkpoint
     load_best(model, out, identity, "train_decoder")
     # Exact ranking returns items only: nothing invalid to measure (no unconstrained search).
-    report = test_report(dataset, evaluate, valid, test, unconstrained=unconstrained_test and not sasrec)
+    report = test_report(dataset, final_evaluate, valid, test, unconstrained=unconstrained_test and not sasrec)
     if not sasrec and not unconstrained_test:  # not measured, rather than test_report's 0 for exact ranking
         report["invalid_rate"] = None
     if not distributed.is_main():  # evaluations ran sharded on every rank (above); rank 0 alone reports, exports
@@ -202,6 +217,7 @@ def train_decoder(
         "best_step": loop.best_step,
         "train_seconds": round(loop.train_seconds, 1),
         **({} if sasrec else {"beam_size": beam_size}),
+        **({"cold_slots": cold_slots} if cold_slots else {}),
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "seconds": round(time.time() - t_start, 1),
     }

@@ -28,7 +28,11 @@ class PrefixTrie:
     fastest) and binary search on ``keys[l]`` otherwise (memory O(items) per level).
     """
 
-    def __init__(self, item_codes: torch.Tensor, codebook_sizes, max_dense: int = 1 << 24):
+    def __init__(self, item_codes: torch.Tensor, codebook_sizes, max_dense: int = 1 << 24,
+                 item_ids: torch.Tensor | None = None):
+        """``item_ids``: the item id each row of ``item_codes`` stands for (default: its row
+        number), e.g. ``PrefixTrie(codes[ids], sizes, item_ids=ids)`` searches a subset of the
+        catalogue and returns catalogue ids."""
         item_codes = torch.as_tensor(item_codes).long()
         self.codebook_sizes = tuple(int(c) for c in codebook_sizes)
         if item_codes.dim() != 2 or item_codes.shape[1] != len(self.codebook_sizes):
@@ -52,7 +56,12 @@ class PrefixTrie:
         if num_nodes != item_codes.shape[0]:
             raise ValueError("modules/beam_search.py: item_codes has duplicate rows (items must have unique codes)")
         self.leaf_item = torch.empty_like(node)
-        self.leaf_item[node] = torch.arange(len(node), device=node.device)
+        if item_ids is None:
+            item_ids = torch.arange(len(node), device=node.device)
+        elif torch.as_tensor(item_ids).shape != node.shape:
+            raise ValueError(f"modules/beam_search.py: item_ids must have one id per row of item_codes "
+                             f"({len(node)}), got shape {tuple(torch.as_tensor(item_ids).shape)}")
+        self.leaf_item[node] = torch.as_tensor(item_ids, device=node.device).long()
 
     @property
     def num_levels(self) -> int:
@@ -201,6 +210,28 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, tr
     invalid_rate = float((items[:, :k] < 0).float().mean()) if unconstrained else None
     return BeamSearchOutput(_pad_beams(items, top_k, -1), _pad_beams(scores, top_k, float("-inf")),
                             _pad_beams(tokens, top_k, PAD), invalid_rate)
+
+
+def merge_reserved(main: BeamSearchOutput, reserved: BeamSearchOutput, top_k: int, slots: int) -> torch.Tensor:
+    """Top-``top_k`` items from two searches over disjoint parts of the catalogue, ``slots`` of
+    them reserved for the second (TIGER's cold-start share: ``reserved`` searched the cold
+    items, ``main`` the rest). ``reserved``'s best ``slots`` items (fewer where it found fewer)
+    and ``main``'s best ``top_k`` minus as many, ranked together by score (ties: ``main``
+    first). (n, top_k) item ids, -1 where both searches ran out of items."""
+    if not 0 < slots <= top_k:
+        raise ValueError(f"modules/beam_search.py: need 0 < slots <= top_k, got {slots}, {top_k}")
+    if main.items.shape[1] < top_k or reserved.items.shape[1] < slots:
+        raise ValueError("modules/beam_search.py: merge_reserved needs top_k main and slots reserved beams per row")
+    # Constrained beams come best first and items that were not found (-1, score -inf) last.
+    n_reserved = (reserved.items[:, :slots] >= 0).sum(1, keepdim=True)
+    take_main = torch.arange(top_k, device=main.items.device) < top_k - n_reserved
+    take_reserved = torch.arange(slots, device=main.items.device) < n_reserved
+    items = torch.cat([torch.where(take_main, main.items[:, :top_k], -1),
+                       torch.where(take_reserved, reserved.items[:, :slots], -1)], dim=1)
+    scores = torch.cat([main.scores[:, :top_k].masked_fill(~take_main, float("-inf")),
+                        reserved.scores[:, :slots].masked_fill(~take_reserved, float("-inf"))], dim=1)
+    order = scores.argsort(dim=1, descending=True, stable=True)[:, :top_k]
+    return items.gather(1, order)
 
 
 @torch.no_grad()

@@ -237,12 +237,17 @@ def _seconds_over_ranks(seconds: float, sharded: bool | None) -> float:
 def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie, *, beam_size: int,
                         top_k: int = 10, batch_size: int = 256, use_user: bool = False, ks=DEFAULT_KS,
                         unconstrained: bool = False, device: torch.device | str = "cpu",
-                        sharded: bool | None = None) -> dict:
+                        sharded: bool | None = None, cold_trie=None, cold_slots: int = 0) -> dict:
     """Recall/NDCG of a semantic-ID recommender by beam search over ``examples``.
 
     ``examples``: ``data.dataset.Examples`` (history, target, user), one held-out target each.
     ``unconstrained``: search without the item trie and also report ``invalid_rate`` (beams
     that are no item count as misses, as a real deployment would see them).
+    ``cold_slots`` > 0 (TIGER's cold-start share): ``trie`` holds the items trained on and
+    ``cold_trie`` the held-out ones; a second search over ``cold_trie`` fills ``cold_slots`` of
+    the ``top_k`` with its best items, ranked among the others by score
+    (``modules.beam_search.merge_reserved``). A model never trained to generate a cold item's
+    codes rarely ranks one high on its own; this reserves room for them.
     Returns the metrics plus ``users`` and ``users_per_second``. Beams are ranked in fp32
     whatever precision the model trained in (see modules/beam_search.py).
 
@@ -251,7 +256,11 @@ def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie,
     the per-batch results are gathered and added in batch order, so every rank returns exactly
     the figures of a single-process evaluation.
     """
-    from modules.beam_search import beam_search  # beam_search imports modules.tokens, not this module
+    from modules.beam_search import beam_search, merge_reserved  # they import modules.tokens, not this module
+
+    if cold_slots and (cold_trie is None or unconstrained or not cold_slots <= top_k):
+        raise ValueError("modules/evaluation.py: cold_slots needs a cold_trie, constrained search and "
+                         f"cold_slots <= top_k ({top_k}), got cold_slots={cold_slots}")
 
     was_training = model.training
     model.eval()
@@ -264,7 +273,11 @@ def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie,
         input_ids, mask = layout.encode_history(torch.as_tensor(examples.history[sl], device=device), item_codes, user)
         out = beam_search(model, input_ids, mask, trie, layout, beam_size=beam_size, top_k=top_k,
                           unconstrained=unconstrained)
-        acc.update(out.items, torch.as_tensor(examples.target[sl], device=device), key=start)
+        items = out.items
+        if cold_slots:
+            cold = beam_search(model, input_ids, mask, cold_trie, layout, beam_size=beam_size, top_k=cold_slots)
+            items = merge_reserved(out, cold, top_k, cold_slots)
+        acc.update(items, torch.as_tensor(examples.target[sl], device=device), key=start)
         progress.update(sl.stop)
         if unconstrained:
             invalid.append((start, out.invalid_rate * (sl.stop - sl.start)))

@@ -267,7 +267,7 @@ def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_ratio: flo
 RESUME_MAY_CHANGE = frozenset({
     "max_train_minutes", "stop_after_steps", "patience", "eval_every", "ckpt_every", "log_every",
     "eval_batch_size", "num_threads", "resume", "wandb_mode", "wandb_project", "run_name", "push_to_hub",
-    "cache_dir", "verbose", "unconstrained_test",
+    "cache_dir", "verbose", "unconstrained_test", "cold_slots",
     # train_rqvae: which trained weights give the codes, and the post-hoc last-level rebalancing
     # (both act after training, so a finished run may be re-assembled with them).
     "select_by", "rebalance_last_level",

@@ -231,3 +231,15 @@ def test_generative_zero_shot_end_to_end(fixture_data, tmp_path):
     check_cold_result(res, ds)
     assert res["protocol"]["holdout_domain"] == "Perfume"
     assert res["valid"] and 0 <= res["test_cold"]["recall@10"] <= 1
+    # The finished run tested again with one of the top 10 reserved for held-out items (TIGER's
+    # cold-start share; known answers in tests/test_evaluation.py): no further training.
+    slot = run_script(train_decoder.main, "configs/tiny/decoder_tiny.gin", base + split + [
+        f"train_decoder.tokenizer = '{tmp_path / 'rq'}'", f"train_decoder.out_dir = '{tmp_path / 'dec'}'",
+        "train_decoder.max_steps = 20", "train_decoder.eval_every = 10", "train_decoder.precision = 'fp32'",
+        "train_decoder.cold_slots = 1"])
+    assert slot["cold_slots"] == 1 and slot["steps"] == res["steps"] and slot["popularity"] == res["popularity"]
+    check_cold_result(slot, ds)
+    with pytest.raises(ValueError, match="cold_slots"):  # no held-out items to reserve slots for
+        run_script(train_decoder.main, "configs/tiny/decoder_tiny.gin", base + [
+            f"train_decoder.tokenizer = '{tmp_path / 'rq'}'", f"train_decoder.out_dir = '{tmp_path / 'warm'}'",
+            "train_decoder.max_steps = 2", "train_decoder.cold_slots = 1"])

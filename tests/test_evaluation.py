@@ -447,6 +447,65 @@ def test_evaluate_generative_constrained_vs_unconstrained(batch_size):
     assert free["users"] == 7
 
 
+# Cold-start share (TIGER): the items trained on and the held-out ones searched apart, ``cold_slots``
+# of the top 10 reserved for the best held-out items, then all ranked together by score.
+
+
+def naive_cold_slot_ranking(order: list, cold: set, slots: int, top_k: int = 10) -> list:
+    """The oracle's order over items only: the best min(slots, #cold) cold items and enough of
+    the best warm ones to fill ``top_k``, in the oracle's order (its order is its score)."""
+    items = [ITEM_SEQS.index(seq) for seq in order if seq in ITEM_SEQS]
+    n_cold = min(slots, len(cold))
+    chosen = set([i for i in items if i in cold][:n_cold] + [i for i in items if i not in cold][:top_k - n_cold])
+    return [i for i in items if i in chosen]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 10), st.sampled_from([1, 4, 10]))
+def test_cold_slots_match_a_naive_merge(seed, n_cold, slots, batch_size):
+    rng = np.random.default_rng(seed)
+    n = 9
+    patterns = ["".join(rng.choice(list("vI"), int(rng.integers(0, 6)))) + rng.choice(["T", ""]) for _ in range(n)]
+    targets = [int(t) for t in rng.integers(0, N_EVAL_ITEMS, n)]
+    examples, answers = make_users(patterns, targets, seed=seed)
+    cold = set(int(i) for i in rng.choice(N_EVAL_ITEMS, n_cold, replace=False))
+    warm_ids = torch.tensor([i for i in range(N_EVAL_ITEMS) if i not in cold])
+    cold_ids = torch.tensor(sorted(cold))
+    layout = TokenLayout(EVAL_SIZES, num_user_buckets=0)
+    out = evaluate_generative(
+        OracleModel(layout, answers, False), examples, EVAL_CODES, layout,
+        PrefixTrie(EVAL_CODES[warm_ids], EVAL_SIZES, item_ids=warm_ids), beam_size=10, top_k=10,
+        batch_size=batch_size, ks=(1, 5, 10), cold_trie=PrefixTrie(EVAL_CODES[cold_ids], EVAL_SIZES, item_ids=cold_ids),
+        cold_slots=slots)
+    ranked = [naive_cold_slot_ranking(answers[tuple(int(i) for i in h if i >= 0)][1], cold, slots)
+              for h in examples.history]
+    expected = naive_metrics([r + [-1] * (10 - len(r)) for r in ranked], examples.target, (1, 5, 10))
+    assert_close({k: out[k] for k in expected}, expected)
+
+
+def test_cold_slots_known_answer_and_bad_input():
+    """Target 0 is cold and ranked 12th of the 13 items: it misses without reserved slots and,
+    as the best cold item, enters at 10th place (below every warm item kept) with one slot."""
+    order_items = [i for i in range(1, N_EVAL_ITEMS) if i != 5][:11] + [0, 5]
+    order = [ITEM_SEQS[i] for i in order_items] + INVALID_SEQS
+    examples, _ = make_users([""], [0], seed=3)
+    answers = {tuple(int(i) for i in examples.history[0] if i >= 0): (1000, order)}
+    layout = TokenLayout(EVAL_SIZES, num_user_buckets=0)
+    warm_ids, cold_ids = torch.tensor([i for i in range(N_EVAL_ITEMS) if i not in (0, 5)]), torch.tensor([0, 5])
+    tries = (PrefixTrie(EVAL_CODES[warm_ids], EVAL_SIZES, item_ids=warm_ids),
+             PrefixTrie(EVAL_CODES[cold_ids], EVAL_SIZES, item_ids=cold_ids))
+    plain = evaluate_generative(OracleModel(layout, answers, False), examples, EVAL_CODES, layout,
+                                PrefixTrie(EVAL_CODES, EVAL_SIZES), beam_size=10, top_k=10)
+    slot = evaluate_generative(OracleModel(layout, answers, False), examples, EVAL_CODES, layout, tries[0],
+                               beam_size=10, top_k=10, cold_trie=tries[1], cold_slots=1)
+    assert plain["recall@10"] == 0.0 and slot["recall@10"] == 1.0 and slot["ndcg@10"] == pytest.approx(gain(9))
+    with pytest.raises(ValueError, match="cold_slots"):
+        evaluate_generative(OracleModel(layout, answers, False), examples, EVAL_CODES, layout, tries[0],
+                            beam_size=10, top_k=10, cold_slots=1)  # no cold_trie
+    with pytest.raises(ValueError, match="item_ids"):
+        PrefixTrie(EVAL_CODES[:3], EVAL_SIZES, item_ids=torch.arange(4))
+
+
 def test_users_progress_prints_every_interval_without_a_terminal(capsys, monkeypatch):
     from modules import evaluation
 
