@@ -201,9 +201,8 @@ def train_decoder(
     # ---- test the best-validation checkpoint
     load_best(model, out, identity, "train_decoder")
     # Exact ranking returns items only: nothing invalid to measure (no unconstrained search).
-    report = test_report(dataset, final_evaluate, valid, test, unconstrained=unconstrained_test and not sasrec)
-    if not sasrec and not unconstrained_test:  # not measured, rather than test_report's 0 for exact ranking
-        report["invalid_rate"] = None
+    report = test_report(dataset, final_evaluate, valid, test, unconstrained=unconstrained_test and not sasrec,
+                         exact=sasrec)
     if not distributed.is_main():  # evaluations ran sharded on every rank (above); rank 0 alone reports, exports
         logger.finish()
         distributed.barrier()

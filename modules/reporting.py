@@ -40,11 +40,13 @@ def cold_report(dataset, test, test_cold: dict | None, test_warm: dict | None, p
             "popularity_in_cold": pop_on(in_cold, is_cold)}
 
 
-def test_report(dataset, evaluate: Callable[..., dict], valid, test, unconstrained: bool = True) -> dict:
+def test_report(dataset, evaluate: Callable[..., dict], valid, test, unconstrained: bool = True,
+                exact: bool = False) -> dict:
     """Evaluate the model behind ``evaluate(examples, unconstrained=False) -> metrics`` (load the
     selected weights first) on all ``valid`` and ``test`` examples: ``valid``, ``test``, with
     ``unconstrained`` also ``unconstrained_test`` (search without the item trie) and its
-    ``invalid_rate`` (else 0: e.g. exact ranking returns items only), ``popularity`` (the
+    ``invalid_rate`` (else 0 for ``exact`` ranking, which returns items only, and None, not
+    measured, for a search whose unconstrained pass was skipped), ``popularity`` (the
     most-popular baseline, cold items excluded under a cold split), the cold / warm groups
     when ``dataset.cold`` is set (``test`` is then their union), and ``eval_users_per_second``."""
     valid_metrics = evaluate(valid)
@@ -61,7 +63,7 @@ def test_report(dataset, evaluate: Callable[..., dict], valid, test, unconstrain
         "valid": _keys(valid_metrics),
         "test": _keys(test_metrics),
         **({} if free is None else {"unconstrained_test": _keys(free)}),
-        "invalid_rate": 0.0 if free is None else free["invalid_rate"],
+        "invalid_rate": free["invalid_rate"] if free is not None else 0.0 if exact else None,
         "popularity": _keys(pop_metrics),
         **({} if dataset.cold is None else cold_report(dataset, test, test_cold, test_warm, popular)),
         "eval_users_per_second": round(test_metrics["users_per_second"], 1),
