@@ -10,7 +10,7 @@ and the peak RSS (after beam 20, after beam 50, and at the end: they run in that
 idle the machine's CPUs were just before and after (other processes distort CPU timings).
 
     python bench/bench_decoder.py [--device cpu|cuda] [--batch-size 256] [--users 256]
-    python bench/bench_decoder.py --prune-after 2 --keep-ratio 0.333   # with RASTP token pruning
+    python bench/bench_decoder.py --prune-after 2 --keep-ratio 1/3   # with RASTP token pruning
 
 The last stdout line is one JSON object.
 """
@@ -35,7 +35,7 @@ from modules.beam_search import PrefixTrie, beam_search  # noqa: E402
 from modules.tokens import TokenLayout  # noqa: E402
 from modules.training import autocast_dtype  # noqa: E402
 from modules.transformers.generation import shift_right  # noqa: E402
-from modules.transformers.t5 import T5, T5Config  # noqa: E402
+from modules.transformers.t5 import T5, T5Config, keep_fraction  # noqa: E402
 
 
 def keep_freed_memory() -> None:
@@ -228,7 +228,9 @@ def main(argv=None) -> dict:
                         "instead). Beam search always ranks in fp32, whatever this says")
     p.add_argument("--prune-after", type=int, default=None,
                    help="RASTP: prune the encoder sequence after this encoder layer (1-based; default off)")
-    p.add_argument("--keep-ratio", type=float, default=0.333, help="RASTP: share of real tokens kept")
+    p.add_argument("--keep-ratio", default="1/3",
+                   help="RASTP: share of real tokens kept, a number or a fraction such as 1/3, read as the nearest "
+                        "fraction with denominator <= 100 (0.333 is 1/3: 81 tokens keep 27)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--epochs-data", default=None, metavar="GIN",
                    help="also time a TIGER-size GPT epoch, sliding windows vs all positions, on this dataset "
@@ -269,7 +271,8 @@ def main(argv=None) -> dict:
               "cpu_idle_percent_before": cpu_idle_percent(), "items": num_items,
               "params": sum(p.numel() for p in model.parameters()),
               "history_tokens": beam_batches[0][0].shape[1], "users_per_call": args.users,
-              "prune_after_layer": args.prune_after, "keep_ratio": args.keep_ratio if args.prune_after else None}
+              "prune_after_layer": args.prune_after,
+              "keep_ratio": str(keep_fraction(args.keep_ratio)) if args.prune_after else None}
     # Beam 20 first, so that the peak RSS read after it is its own (ru_maxrss only grows).
     result["beam20_users_per_second"] = bench_beam(model, beam_batches, trie, layout, 20, 10, device, args.beam_calls)
     result["beam20_peak_rss_mb"] = peak_rss_mb()

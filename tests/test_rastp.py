@@ -1,4 +1,6 @@
-"""RASTP token pruning in the T5 encoder: selection, exactness when off, KV cache, beam search."""
+"""RASTP token pruning in the T5 encoder: the kept count (floor(L / 3) for a third), which tokens
+are kept (attention received x output L1 norm, on a hand-made layer), exactness when off, KV
+cache, beam search."""
 
 import itertools
 import math
@@ -13,17 +15,21 @@ from modules.beam_search import PrefixTrie, beam_search
 from modules.tokens import BOS, TokenLayout
 from modules.transformers.generation import target_log_probs
 from modules.transformers.layers import Attention, additive_mask
-from modules.transformers.t5 import T5, T5Config, rastp_select
+import modules.transformers.t5 as t5_module
+from modules.transformers.t5 import T5, T5Config, keep_fraction, rastp_select
 
 SIZES = (4, 4, 4)
 LAYOUT = TokenLayout(SIZES, num_user_buckets=5)
 SMALL = dict(d_model=32, num_heads=2, d_head=16, d_ff=64, num_encoder_layers=3, num_decoder_layers=2)
-RATIOS = [0.1, 0.29, 0.333, 0.5, 1.0]
+# Each ratio as given and the fraction it stands for (0.333 is a third: RASTP keeps floor(L / 3)).
+MEANT = {0.1: Fraction(1, 10), 0.29: Fraction(29, 100), 0.333: Fraction(1, 3), "1/3": Fraction(1, 3),
+         0.5: Fraction(1, 2), 1.0: Fraction(1)}
+RATIOS = list(MEANT)
 
 
-def expected_count(length: int, ratio: float) -> int:
-    """max(1, floor(L x ratio)) in exact arithmetic on the ratio's decimal spelling."""
-    return max(1, math.floor(Fraction(str(ratio)) * length))
+def expected_count(length: int, ratio) -> int:
+    """max(1, floor(L x the fraction the ratio stands for)), in exact arithmetic."""
+    return max(1, math.floor(MEANT[ratio] * length))
 
 
 def make_model(seed: int, **kw) -> T5:
@@ -70,6 +76,27 @@ def test_select_keeps_the_top_real_tokens_in_order(seed, n, S, ratio):
         assert keep[b, :m].all() and not keep[b, m:].any()  # kept slots first, fillers after
 
 
+@pytest.mark.parametrize("ratio", [0.333, "1/3", 1 / 3, 0.3333, " 1/3 "])
+def test_a_third_keeps_floor_of_length_over_three(ratio):
+    lengths = torch.arange(1, 201)
+    mask = torch.arange(200)[None, :] < lengths[:, None]
+    _, keep = rastp_select(torch.rand(200, 200), mask, ratio)
+    assert keep.sum(1).tolist() == [max(1, L // 3) for L in range(1, 201)]
+    assert int(keep[80].sum()) == 27  # 81 tokens (a full 20-item history): 27, not floor(0.333 x 81) = 26
+
+
+def test_keep_fraction_reads_ratios_as_fractions():
+    assert keep_fraction(0.333) == keep_fraction("1/3") == keep_fraction(1 / 3) == Fraction(1, 3)
+    assert keep_fraction(0.29) == Fraction(29, 100) and keep_fraction("0.25") == Fraction(1, 4)
+    assert keep_fraction(0.667) == Fraction(2, 3) and keep_fraction(1) == 1
+    for bad in (0.0, 0.004, 1.5, "2/1", "a third", "1/0", float("nan"), None):
+        with pytest.raises(ValueError, match="keep_ratio"):
+            keep_fraction(bad)
+    # Configs saved with the float (or the string) load and keep the same count.
+    cfg = T5Config(vocab_size=10, prune_after_layer=1, num_encoder_layers=1, keep_ratio="1/3")
+    assert T5Config.from_dict(cfg.to_dict()).keep_ratio == "1/3"
+
+
 def test_select_known_answer():
     scores = torch.tensor([[5.0, 1.0, 9.0, 3.0, 7.0, 0.0], [2.0, 8.0, 100.0, 100.0, 100.0, 100.0]])
     mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
@@ -94,6 +121,70 @@ def test_received_attention_matches_explicit_softmax():
             ref = sum(probs[b, h, i, j] for h in range(2) for i in range(7) if keep[b, i])
             assert received[b, j].item() == pytest.approx(float(ref), abs=1e-5)
     assert (received[~keep] < 1e-6).all()  # padding keys get (numerically) nothing
+
+
+# ----------------------------------------------------------------------------- which tokens
+
+
+def hand_made_pruner() -> T5:
+    """One encoder layer, 1 head of size 1, that prunes to a third after it, with hand-set weights:
+
+    - token embeddings c x (1, 1, 0, 0) ("loud") or c x (1, 0, 1, 0) ("quiet"): after the
+      pre-attention RMSNorm every token is (sqrt 2, sqrt 2, 0, 0) or (sqrt 2, 0, sqrt 2, 0);
+    - q = dim 0, k = (ln 3 / 2) x dim 1, so every query's logit is ln 3 for a loud key and 0 for
+      a quiet one: each real query gives a loud key 3 / Z and a quiet key 1 / Z (Z = 3 x loud +
+      quiet keys of its row); no relative position bias;
+    - the attention output and the MLP output are zero, so the layer's output is its input and a
+      token's output L1 norm is 2c.
+    The RASTP score of a token is then (real tokens) x (3 or 1) / Z x 2c: known in advance.
+    """
+    torch.manual_seed(0)
+    model = T5(T5Config(vocab_size=16, d_model=4, num_heads=1, d_head=1, d_ff=4, num_encoder_layers=1,
+                        num_decoder_layers=1, dropout=0.0, prune_after_layer=1, keep_ratio="1/3")).eval()
+    layer = model.encoder_layers[0]
+    with torch.no_grad():
+        layer.attn.qkv.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, math.log(3) / 2, 0, 0], [0, 0, 0, 0]]))
+        layer.attn.o.weight.zero_()
+        layer.ffn.wo.weight.zero_()
+        model.encoder_bias.embedding.weight.zero_()
+    return model
+
+
+# token id -> (loud, output L1 norm); id 9 is padding with a large norm (never kept all the same)
+HAND_TOKENS = {1: (False, 2.0), 2: (True, 1.0), 3: (False, 5.0), 4: (True, 0.5), 5: (False, 1.0), 6: (True, 1.5),
+               9: (True, 40.0)}
+
+
+def test_pruning_keeps_the_tokens_with_most_attention_times_norm(monkeypatch):
+    model = hand_made_pruner()
+    with torch.no_grad():
+        for token, (loud, norm) in HAND_TOKENS.items():
+            direction = torch.tensor([1.0, 1.0, 0, 0] if loud else [1.0, 0, 1.0, 0])
+            model.embed.weight[token] = direction * norm / 2
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 5, 9, 9, 9]])
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    seen = []
+
+    def spy(scores, attention_mask, keep_ratio):
+        seen.append(scores.clone())
+        return rastp_select(scores, attention_mask, keep_ratio)
+
+    monkeypatch.setattr(t5_module, "rastp_select", spy)
+    with torch.no_grad():
+        memory, kept = model.encode_memory(ids, mask)
+    # Row 0: Z = 3 x 3 + 3 = 12, received = 6 x (3 or 1) / 12, times the L1 norms 2, 1, 5, 0.5, 1, 1.5.
+    # Row 1: Z = 3 + 2 = 5, received = 3 x (3 or 1) / 5, times 2, 1, 1; padding receives nothing.
+    torch.testing.assert_close(seen[0][0], torch.tensor([1.0, 1.5, 2.5, 0.75, 0.5, 2.25]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(seen[0][1, :3], torch.tensor([1.2, 1.8, 0.6]), atol=1e-4, rtol=1e-4)
+    assert (seen[0][1, 3:].abs() < 1e-4).all()
+    # Keep 6 // 3 = 2 and 3 // 3 = 1. By score: tokens 2 and 5 of row 0 (not the two most attended,
+    # 1, 3, 5, nor the two largest norms, 0 and 2, nor the first two), token 1 of row 1 (the largest
+    # norm is token 0's, and padding's is larger still).
+    assert kept.tolist() == [[True, True], [True, False]]
+    with torch.no_grad():
+        expected = model.encoder_norm(model.embed(torch.tensor([[3, 6], [2, 2]])))
+    torch.testing.assert_close(memory[0], expected[0])
+    torch.testing.assert_close(memory[1, :1], expected[1, :1])
 
 
 # ----------------------------------------------------------------------------- model

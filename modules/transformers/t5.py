@@ -10,6 +10,8 @@ Optional RASTP (representation-aware semantic token pruning, ``T5Config.prune_af
 after encoder layer k each token is scored by the attention it receives in that layer times
 the L1 norm of its hidden state, and only the best ``keep_ratio`` of each history's real
 tokens go on through the remaining encoder layers and into the decoder's cross-attention.
+A history of L real tokens keeps max(1, floor(L x p / q)) of them, p / q = ``keep_ratio`` read as
+a fraction (:func:`keep_fraction`: 0.333 and '1/3' both mean one third, so 81 tokens keep 27).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +49,11 @@ class T5Config:
     eps: float = 1e-6
     init_factor: float = 1.0
     # RASTP: prune the encoder sequence after layer prune_after_layer (1-based; None = off) to
-    # floor(real tokens x keep_ratio) tokens per row (at least 1). See `rastp_select`.
+    # floor(real tokens x keep_ratio) tokens per row (at least 1), keep_ratio a number or a
+    # fraction string ('1/3') taken as the nearest fraction with denominator <= 100 (0.333 ->
+    # 1/3, 0.29 -> 29/100). See `keep_fraction` and `rastp_select`.
     prune_after_layer: int | None = None
-    keep_ratio: float = 0.333
+    keep_ratio: float | str = "1/3"
 
     def __post_init__(self):
         if self.output_vocab_size is None:
@@ -58,8 +63,7 @@ class T5Config:
         if self.prune_after_layer is not None and not 1 <= self.prune_after_layer <= self.num_encoder_layers:
             raise ValueError("modules/transformers/t5.py: T5Config.prune_after_layer must be None or in "
                              f"[1, num_encoder_layers={self.num_encoder_layers}], got {self.prune_after_layer}")
-        if not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"modules/transformers/t5.py: T5Config.keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        keep_fraction(self.keep_ratio)  # a ValueError naming keep_ratio unless a fraction in (0, 1]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,19 +117,45 @@ class RelativePositionBias(nn.Module):
         return self.embedding(buckets).permute(0, 3, 1, 2)
 
 
-def rastp_select(scores: torch.Tensor, attention_mask: torch.Tensor, keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+KEEP_RATIO_MAX_DENOMINATOR = 100
+
+
+def keep_fraction(keep_ratio: float | str | Fraction) -> Fraction:
+    """RASTP's keep ratio as an exact fraction p / q: the nearest fraction with q <= 100 to a
+    number or to a string such as '1/3' or '0.25'.
+
+    RASTP keeps floor(L / 3) tokens of L for a ratio of 1/3, which no float spells: 0.333 x 81 =
+    26.97 would keep 26 of 81 where the paper keeps 27. Read as fractions, 0.333 (or 0.3333, or
+    '1/3') is 1/3 and 81 tokens keep 27; 0.29 stays 29/100, 0.25 is 1/4, 0.667 is 2/3. The count
+    is then integer arithmetic (floor(L x p / q) = L * p // q), with no rounding slack.
+    """
+    try:
+        value = Fraction(keep_ratio.strip() if isinstance(keep_ratio, str) else keep_ratio)
+        fraction = value.limit_denominator(KEEP_RATIO_MAX_DENOMINATOR)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        raise ValueError(f"modules/transformers/t5.py: T5Config.keep_ratio must be a number or a fraction string "
+                         f"such as '1/3', got {keep_ratio!r}") from None
+    if not 0 < fraction <= 1:
+        raise ValueError(f"modules/transformers/t5.py: T5Config.keep_ratio must be in (0, 1] (read as the nearest "
+                         f"fraction with denominator <= {KEEP_RATIO_MAX_DENOMINATOR}), got {keep_ratio!r} = {fraction}")
+    return fraction
+
+
+def rastp_select(scores: torch.Tensor, attention_mask: torch.Tensor,
+                 keep_ratio: float | str | Fraction) -> tuple[torch.Tensor, torch.Tensor]:
     """Which encoder tokens RASTP keeps: scores (n, S), bool mask (n, S) -> (index, keep), both (n, M).
 
-    Row b keeps its m_b = max(1, floor(L_b x keep_ratio)) best-scoring real tokens, L_b = its
-    number of real tokens (not the padded length S, so a user's result does not depend on
-    the batch it is in). ``index`` lists the kept tokens in increasing original order, then
-    (rows with m_b < M = max m_b) filler slots with ``keep`` False; a row without real
-    tokens keeps one slot, masked. Padding is thus never kept while a real token is dropped.
-    floor() gets 1e-9 of slack so that e.g. 100 x 0.29 counts as 29, not 28.99999.
+    Row b keeps its m_b = max(1, floor(L_b x p / q)) best-scoring real tokens, L_b = its number
+    of real tokens (not the padded length S, so a user's result does not depend on the batch it
+    is in) and p / q = :func:`keep_fraction` of ``keep_ratio`` (0.333 -> 1/3: 81 tokens keep 27).
+    ``index`` lists the kept tokens in increasing original order, then (rows with m_b < M =
+    max m_b) filler slots with ``keep`` False; a row without real tokens keeps one slot, masked.
+    Padding is thus never kept while a real token is dropped.
     """
+    fraction = keep_fraction(keep_ratio)
     real = attention_mask.bool()
     n, S = real.shape
-    counts = (real.sum(1).double() * keep_ratio + 1e-9).floor().long().clamp(min=1)
+    counts = (real.sum(1) * fraction.numerator // fraction.denominator).clamp(min=1)
     M = int(counts.max())
     _, index = scores.detach().float().masked_fill(~real, float("-inf")).topk(M, dim=1)
     chosen = torch.arange(M, device=index.device) < counts[:, None]  # topk ranks below m_b
