@@ -91,22 +91,15 @@ def _strip_comment(line: str) -> str:
     return line.rstrip()
 
 
-def _program(text: str) -> str | None:
-    """The program a shell line runs (after ``NAME=value`` assignments), or None."""
+def is_command(text: str) -> bool:
+    """Whether a line runs one of ``PROGRAMS`` with arguments (after ``NAME=value`` assignments)."""
     try:
         words = shlex.split(text)
     except ValueError:
         words = text.split()
-    for w in words:
-        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", w):
-            continue
-        return w
-    return None
-
-
-def is_command(text: str) -> bool:
-    prog = _program(text)
-    return prog is not None and prog in PROGRAMS
+    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+        words = words[1:]
+    return len(words) >= 2 and words[0] in PROGRAMS
 
 
 def _shell_commands(lines: list[tuple[int, str]], doc: str) -> list[DocCommand]:
@@ -148,15 +141,17 @@ def extract_commands(markdown: str, doc: str = "README.md") -> list[DocCommand]:
         starts = [0]
         for _, t in prose:
             starts.append(starts[-1] + len(t) + 1)
+        hits: list[tuple[int, DocCommand]] = []  # (offset in the paragraph, command)
         for m in _SPAN.finditer(text):
             body = re.sub(r"\s+", " ", m.group(2)).strip()
             if is_command(body):
                 row = max(i for i, s in enumerate(starts[:-1]) if s <= m.start())
-                found.append(DocCommand(body, doc, prose[row][0]))
-        for num, t in prose:  # a bare command line in prose
+                hits.append((m.start(), DocCommand(body, doc, prose[row][0])))
+        for row, (num, t) in enumerate(prose):  # a bare command line in prose
             s = t.strip()
-            if not s.startswith("`") and is_command(s) and re.match(r"(python3?|torchrun|bash) \S", s):
-                found.append(DocCommand(re.sub(r"\s+", " ", s), doc, num))
+            if re.match(r"(python3?|torchrun|bash) \S", s) and is_command(s):
+                hits.append((starts[row], DocCommand(re.sub(r"\s+", " ", s), doc, num)))
+        found.extend(c for _, c in sorted(hits, key=lambda h: h[0]))
         prose.clear()
 
     i, prev_blank = 0, True
@@ -462,8 +457,9 @@ def plan_step(part: str, root: Path, max_procs: int, also_gin: tuple[str, ...] =
             step.skip = "downloads MovieLens 32M (239 MB; needs the network)"
             return step
         bindings = list(TINY[script])
+        own_data = any(b.replace(" ", "").startswith("load_dataset.path=") for b in also_gin)
         for marker, binding, path in DATA_REWRITES:
-            if any(marker in c for c in configs):
+            if any(marker in c for c in configs) and not own_data:
                 if not (root / path).exists():
                     step.skip = f"downloads its data (needs the network; no copy at {path})"
                     return step
@@ -538,8 +534,7 @@ def run_plan(p: Plan, work: Path, log_dir: Path, index: int, timeout: float, env
             if p.command.kind == "python":
                 argv, stdin = [sys.executable, "-"], s.run
             else:
-                argv, stdin = ["bash", "-c", s.run], None
-                # the docs say "python": the interpreter running this check (its environment)
+                argv, stdin = ["bash", "-c", s.run], ""
             fh.write(f"$ {s.run if p.command.kind == 'shell' else '<python block>'}\n")
             fh.flush()
             try:
