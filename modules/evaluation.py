@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -69,6 +70,62 @@ def _metric_sums(ranked, target, ks: tuple[int, ...]) -> tuple[list[float], int]
     return sums.tolist(), n  # one device sync for all metrics
 
 
+def target_ranks(ranked: torch.Tensor | np.ndarray, target) -> torch.Tensor:
+    """The 0-based position of each user's target in its ranking ``ranked`` (n, K), its first
+    one if repeated, over all K columns; -1 where it is absent. int64 (n,), on ranked's device."""
+    ranked = _as_long(ranked, "ranked")
+    target = _as_long(target, "target", ranked.device)
+    if ranked.ndim != 2 or target.shape != (ranked.shape[0],):
+        raise ValueError(f"need ranked (n, K) and target (n,), got {tuple(ranked.shape)} and {tuple(target.shape)}")
+    if (target < 0).any():
+        raise ValueError("targets must be item_ids >= 0")
+    hits = ranked == target[:, None]  # target >= 0: -1 entries never hit
+    return torch.where(hits.any(dim=1), hits.to(torch.uint8).argmax(dim=1), -1)
+
+
+def drop_items(ranked: torch.Tensor | np.ndarray, exclude, scores: torch.Tensor | None = None):
+    """``ranked`` (n, K) with each row's items in ``exclude`` (n, H; -1 entries are padding)
+    removed, the others moved up in order and the row padded with -1 at the end (same width):
+    a ranking "with the user's history items removed". -1 entries of ``ranked`` keep their
+    place among the others. With ``scores`` (n, K) aligned with ``ranked``, returns
+    (items, scores), the removed positions' scores -inf."""
+    ranked = _as_long(ranked, "ranked")
+    exclude = _as_long(exclude, "exclude", ranked.device)
+    drop = ((ranked[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)).any(dim=2)
+    order = drop.to(torch.uint8).argsort(dim=1, stable=True)  # kept first, in their order
+    gone = drop.gather(1, order)
+    items = ranked.gather(1, order).masked_fill(gone, -1)
+    if scores is None:
+        return items
+    return items, scores.gather(1, order).masked_fill(gone, float("-inf"))
+
+
+_KEEP_RANKS = [False]
+
+
+@contextmanager
+def keeping_ranks(keep: bool = True):
+    """Within it, the evaluators (``keep_ranks=None``) also return per-user ranks and the
+    history-removed report (see :func:`evaluate_generative`): how ``modules.reporting.test_report``
+    asks for them through a train script's own ``evaluate`` closure. Training-time validation
+    (outside it) returns the plain metrics."""
+    before = _KEEP_RANKS[0]
+    _KEEP_RANKS[0] = bool(keep)
+    try:
+        yield
+    finally:
+        _KEEP_RANKS[0] = before
+
+
+def wants_ranks(keep_ranks: bool | None) -> bool:
+    """An evaluator's ``keep_ranks`` argument resolved: None means "inside :func:`keeping_ranks`"."""
+    return _KEEP_RANKS[0] if keep_ranks is None else bool(keep_ranks)
+
+
+def _rank_dtype(width: int):
+    return np.int16 if width < np.iinfo(np.int16).max else np.int32
+
+
 def _keys(ks: tuple[int, ...]) -> list[str]:
     return [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")]
 
@@ -89,16 +146,22 @@ class MetricAccumulator:
     Sharded evaluation (torchrun): each rank updates with its batches, keyed by batch number,
     then :meth:`merge_ranks` re-adds every rank's per-batch sums in key order, which is
     bit-for-bit what one process updating with all batches in that order computes.
+    ``keep_ranks``: also keep each user's :func:`target_ranks` (its target's 0-based position
+    in the first max(ks) items of the ranking it was updated with, -1 if not there: -1 exactly
+    where every metric counts a miss), returned by :meth:`ranks` in key order (the examples'
+    order when keys are batch starts or numbers), gathered over ranks too.
     """
 
-    def __init__(self, ks: Sequence[int] = DEFAULT_KS):
+    def __init__(self, ks: Sequence[int] = DEFAULT_KS, keep_ranks: bool = False):
         self.ks = _check_ks(ks)
+        self.keep_ranks = keep_ranks
         self.reset()
 
     def reset(self) -> None:
         self._sums = [0.0] * (2 * len(self.ks))
         self.count = 0
         self._parts: list[tuple[int, list[float], int]] = []  # (key, sums, users) per update
+        self._ranks: list[tuple[int, np.ndarray]] = []  # (key, ranks) per update, with keep_ranks
 
     def _add(self, sums: list[float], n: int) -> None:
         self._sums = [a + b for a, b in zip(self._sums, sums)]
@@ -107,19 +170,36 @@ class MetricAccumulator:
     def update(self, ranked: torch.Tensor | np.ndarray, target, key: int | None = None) -> None:
         """One batch; ``key`` (default: the update's number) orders it for :meth:`merge_ranks`."""
         sums, n = _metric_sums(ranked, target, self.ks)
+        key = len(self._parts) if key is None else key
         self._add(sums, n)
-        self._parts.append((len(self._parts) if key is None else key, sums, n))
+        self._parts.append((key, sums, n))
+        if self.keep_ranks:  # within the first max(ks) columns, the ones the metrics see
+            width = min(np.shape(ranked)[1], max(self.ks))
+            ranks = target_ranks(ranked[:, :width], target)
+            self._ranks.append((key, ranks.cpu().numpy().astype(_rank_dtype(width))))
 
     def merge_ranks(self) -> None:
         """Collective under torchrun (every rank calls it): afterwards every rank holds the sums
-        over all ranks' updates, added in the order of their keys (distinct over ranks)."""
+        over all ranks' updates, added in the order of their keys (distinct over ranks), and
+        with ``keep_ranks`` every rank's per-user ranks."""
         if not distributed.active():
             return
         parts = distributed.gather_keyed((key, (sums, n)) for key, sums, n in self._parts)
+        ranks = distributed.gather_keyed(self._ranks) if self.keep_ranks else []
         self.reset()
         for key, (sums, n) in parts:
             self._add(sums, n)
             self._parts.append((key, sums, n))
+        self._ranks = ranks
+
+    def ranks(self) -> np.ndarray:
+        """Every user's rank (int16; int32 past 32,766), in key order."""
+        if not self.keep_ranks:
+            raise ValueError("MetricAccumulator.ranks() needs keep_ranks=True")
+        parts = [r for _, r in sorted(self._ranks, key=lambda p: p[0])]
+        if not parts:
+            return np.zeros(0, dtype=np.int16)
+        return np.concatenate(parts).astype(np.result_type(*parts), copy=False)
 
     def compute(self) -> dict[str, float]:
         if self.count == 0:
@@ -237,7 +317,8 @@ def _seconds_over_ranks(seconds: float, sharded: bool | None) -> float:
 def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie, *, beam_size: int,
                         top_k: int = 10, batch_size: int = 256, use_user: bool = False, ks=DEFAULT_KS,
                         unconstrained: bool = False, device: torch.device | str = "cpu",
-                        sharded: bool | None = None, cold_trie=None, cold_slots: int = 0) -> dict:
+                        sharded: bool | None = None, cold_trie=None, cold_slots: int = 0,
+                        keep_ranks: bool | None = None) -> dict:
     """Recall/NDCG of a semantic-ID recommender by beam search over ``examples``.
 
     ``examples``: ``data.dataset.Examples`` (history, target, user), one held-out target each.
@@ -251,6 +332,19 @@ def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie,
     Returns the metrics plus ``users`` and ``users_per_second``. Beams are ranked in fp32
     whatever precision the model trained in (see modules/beam_search.py).
 
+    ``keep_ranks`` (None: whether inside :func:`keeping_ranks`): also return ``ranks``, each
+    user's target position in its returned top-``top_k`` list (0-based; -1: not among its first
+    max(``ks``), the items the metrics see; int16, in the order of ``examples``), and, unless
+    ``unconstrained``, ``history_removed``: the metrics and ``ranks`` of the same search's list
+    with the user's history items (the input window ``examples.history``) removed before cutting
+    to ``top_k``, as HSTU's evaluator ranks (RecBole's removes the whole training history: the
+    same where it fits the window). No second search: the search returns all its ``beam_size``
+    beams (the first ``top_k`` are exactly the headline list) and the history items are dropped
+    from them, so with ``beam_size`` 20 and ``top_k`` 10 up to 10 history items can go and 10
+    items still remain; where more go the list is padded with -1 (never a hit). A target that is
+    itself in the history (a repeat) is then a miss. With ``cold_slots``, both searches' lists
+    lose the history items before they are merged.
+
     Under torchrun (``sharded`` None: whenever a process group is up; ``False``: this process
     evaluates everything alone) every rank must call it: each runs its share of the batches and
     the per-batch results are gathered and added in batch order, so every rank returns exactly
@@ -262,27 +356,46 @@ def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie,
         raise ValueError("modules/evaluation.py: cold_slots needs a cold_trie, constrained search and "
                          f"cold_slots <= top_k ({top_k}), got cold_slots={cold_slots}")
 
+    keep = wants_ranks(keep_ranks)
+    wide = keep and not unconstrained  # the history-removed list, from the same search's beams
     was_training = model.training
     model.eval()
     n = len(examples.target)
-    acc, invalid, t0 = MetricAccumulator(ks), [], time.perf_counter()
+    acc, invalid, t0 = MetricAccumulator(ks, keep_ranks=keep), [], time.perf_counter()
+    removed = MetricAccumulator(ks, keep_ranks=True) if wide else None
     progress = UsersProgress(n)
     for start in eval_batches(n, batch_size, sharded):
         sl = slice(start, min(n, start + batch_size))
         user = torch.as_tensor(examples.user[sl], device=device) if use_user else None
-        input_ids, mask = layout.encode_history(torch.as_tensor(examples.history[sl], device=device), item_codes, user)
-        out = beam_search(model, input_ids, mask, trie, layout, beam_size=beam_size, top_k=top_k,
-                          unconstrained=unconstrained)
-        items = out.items
+        history = torch.as_tensor(examples.history[sl], device=device)
+        input_ids, mask = layout.encode_history(history, item_codes, user)
+        # invalid_rate is measured over the top_k returned beams: unconstrained keeps top_k.
+        out = beam_search(model, input_ids, mask, trie, layout, beam_size=beam_size,
+                          top_k=beam_size if wide else top_k, unconstrained=unconstrained)
+        items = out.items[:, :top_k]
         if cold_slots:
-            cold = beam_search(model, input_ids, mask, cold_trie, layout, beam_size=beam_size, top_k=cold_slots)
+            cold = beam_search(model, input_ids, mask, cold_trie, layout, beam_size=beam_size,
+                               top_k=beam_size if wide else cold_slots)
             items = merge_reserved(out, cold, top_k, cold_slots)
-        acc.update(items, torch.as_tensor(examples.target[sl], device=device), key=start)
+        target = torch.as_tensor(examples.target[sl], device=device)
+        acc.update(items, target, key=start)
+        if wide:
+            if cold_slots:
+                kept = []
+                for beams in (out, cold):
+                    kept_ids, kept_scores = drop_items(beams.items, history, beams.scores)
+                    kept.append(beams._replace(items=kept_ids, scores=kept_scores))
+                kept_items = merge_reserved(kept[0], kept[1], top_k, cold_slots)
+            else:
+                kept_items = drop_items(out.items, history)[:, :top_k]
+            removed.update(kept_items, target, key=start)
         progress.update(sl.stop)
         if unconstrained:
             invalid.append((start, out.invalid_rate * (sl.stop - sl.start)))
     if sharded is not False:
         acc.merge_ranks()
+        if wide:
+            removed.merge_ranks()
         invalid = distributed.gather_keyed(invalid) if unconstrained else invalid
     seconds = _seconds_over_ranks(time.perf_counter() - t0, sharded)
     model.train(was_training)
@@ -293,6 +406,10 @@ def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie,
             total += v
         result["invalid_rate"] = total / max(1, n)
     result.update(users=n, users_per_second=n / max(seconds, 1e-9))
+    if keep:
+        result["ranks"] = acc.ranks()
+    if wide:
+        result["history_removed"] = {**removed.compute(), "ranks": removed.ranks()}
     return result
 
 
@@ -301,31 +418,51 @@ def evaluate_generative(model, examples, item_codes: torch.Tensor, layout, trie,
 
 @torch.no_grad()
 def evaluate_exact_topk(model, examples, *, top_k: int = 10, batch_size: int = 256, ks=DEFAULT_KS,
-                        device: torch.device | str = "cpu", sharded: bool | None = None) -> dict:
+                        device: torch.device | str = "cpu", sharded: bool | None = None,
+                        keep_ranks: bool | None = None) -> dict:
     """Recall/NDCG of a model that scores every item (``model.scores(history) -> (n, num_items)``,
     e.g. :class:`modules.sasrec.SASRec`): the exact top ``top_k`` items by score, in fp32.
 
     ``examples``: ``data.dataset.Examples``. No item is excluded (the generative models'
     beam search excludes none either). Returns the metrics plus ``users`` and ``users_per_second``.
     Under torchrun, sharded over the ranks and gathered exactly as :func:`evaluate_generative`.
+    ``keep_ranks`` (None: whether inside :func:`keeping_ranks`): also ``ranks`` and
+    ``history_removed`` as :func:`evaluate_generative` returns them; here the history items'
+    scores are set to -inf before the top ``top_k`` (a -inf history item that still makes the
+    list, in a catalogue of fewer than ``top_k`` other items, becomes -1).
     """
+    keep = wants_ranks(keep_ranks)
     was_training = model.training
     model.eval()
     n = len(examples.target)
-    acc, t0 = MetricAccumulator(ks), time.perf_counter()
+    acc, t0 = MetricAccumulator(ks, keep_ranks=keep), time.perf_counter()
+    removed = MetricAccumulator(ks, keep_ranks=True) if keep else None
     progress = UsersProgress(n)
     for start in eval_batches(n, batch_size, sharded):
         sl = slice(start, min(n, start + batch_size))
-        scores = model.scores(torch.as_tensor(examples.history[sl], device=device)).float()
-        acc.update(scores.topk(min(top_k, scores.shape[1]), dim=1).indices,
-                   torch.as_tensor(examples.target[sl], device=device), key=start)
+        history = torch.as_tensor(examples.history[sl], device=device)
+        scores = model.scores(history).float()
+        target = torch.as_tensor(examples.target[sl], device=device)
+        k = min(top_k, scores.shape[1])
+        acc.update(scores.topk(k, dim=1).indices, target, key=start)
+        if keep:
+            seen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+            rows, cols = torch.nonzero(history >= 0, as_tuple=True)
+            seen[rows, history[rows, cols].long()] = True
+            top = scores.masked_fill(seen, float("-inf")).topk(k, dim=1)
+            removed.update(top.indices.masked_fill(seen.gather(1, top.indices), -1), target, key=start)
         progress.update(sl.stop)
     if sharded is not False:
         acc.merge_ranks()
+        if keep:
+            removed.merge_ranks()
     seconds = _seconds_over_ranks(time.perf_counter() - t0, sharded)
     model.train(was_training)
     result = acc.compute()
     result.update(users=n, users_per_second=n / max(seconds, 1e-9))
+    if keep:
+        result["ranks"] = acc.ranks()
+        result["history_removed"] = {**removed.compute(), "ranks": removed.ranks()}
     return result
 
 
@@ -335,12 +472,14 @@ def evaluate_exact_topk(model, examples, *, top_k: int = 10, batch_size: int = 2
 def combine_metrics(parts: Sequence[dict | None]) -> dict:
     """The metrics over the union of disjoint user groups, from each group's metrics (means over
     its ``users``): their user-weighted average. ``users_per_second`` is recomputed from the
-    groups' times; ``None`` parts (empty groups) are skipped."""
+    groups' times; ``None`` parts (empty groups) are skipped. Only numbers are combined (per-user
+    ``ranks`` and nested reports are not: ``modules.reporting`` puts those together in user order)."""
     parts = [p for p in parts if p is not None and p.get("users", 0) > 0]
     if not parts:
         raise ValueError("combine_metrics: no user in any group")
     n = sum(p["users"] for p in parts)
-    keys = [k for k in parts[0] if k not in ("users", "users_per_second") and all(k in p for p in parts)]
+    keys = [k for k in parts[0] if k not in ("users", "users_per_second") and all(k in p for p in parts)
+            and all(isinstance(p[k], (int, float, np.number)) for p in parts)]  # not ranks, not sub-reports
     out = {k: sum(p[k] * p["users"] for p in parts) / n for k in keys}
     out["users"] = n
     if all("users_per_second" in p for p in parts):

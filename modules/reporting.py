@@ -1,17 +1,56 @@
 """The test report of a trained next-item recommender, shared by train_decoder.py and
 train_joint.py: validation and test metrics of the selected (best-validation) model, the
 invalid-ID rate of unconstrained search, the most-popular baseline and, under a cold-start or
-zero-shot protocol, the cold / warm user groups apart."""
+zero-shot protocol, the cold / warm user groups apart; 95% bootstrap intervals over users, the
+test ranked with each user's history items removed, and the per-user ranks that
+``modules.training.print_result`` writes beside the result JSON (``result.ranks.npz``)."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import numpy as np
 
-from modules.evaluation import combine_metrics, evaluate_groups, popularity_ranking, ranking_metrics
+from modules.evaluation import (
+    combine_metrics, evaluate_groups, keeping_ranks, popularity_ranking, ranking_metrics, target_ranks,
+)
+from modules.intervals import RunRanks, bootstrap_interval
 
 REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
+
+
+def split_fingerprint(dataset) -> str:
+    """The data split two runs must share to be compared user by user: every user's items in
+    order, the item list and the held-out (cold) items. Unlike ``dataset.fingerprint()`` it
+    leaves out the history length, which changes the model, not the split."""
+    h = hashlib.sha256()
+    for a in (dataset.flat, dataset.offsets):
+        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+    h.update("\n".join(map(str, dataset.items["raw_id"].to_list())).encode())
+    if dataset.cold is not None:
+        h.update(b"\ncold:")
+        h.update(np.flatnonzero(dataset.cold).astype(np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _in_user_order(in_group: np.ndarray, group: dict | None, rest: dict | None) -> dict:
+    """The ``ranks`` and ``history_removed`` of :func:`evaluate_groups`' two halves, put back
+    together over all users in their order (the halves' metrics are user-weighted averages)."""
+    halves = [(m, p) for m, p in ((in_group, group), (~in_group, rest)) if p is not None]
+    if not all("ranks" in p for _, p in halves):
+        return {}
+    ranks = np.full(len(in_group), -1, dtype=np.result_type(*(p["ranks"] for _, p in halves)))
+    out = {"ranks": ranks}
+    for mask, p in halves:
+        ranks[mask] = p["ranks"]
+    if all("history_removed" in p for _, p in halves):
+        removed = np.full(len(in_group), -1, dtype=np.result_type(*(p["history_removed"]["ranks"] for _, p in halves)))
+        for mask, p in halves:
+            removed[mask] = p["history_removed"]["ranks"]
+        out["history_removed"] = {**combine_metrics([{**p["history_removed"], "users": p["users"]} for _, p in halves]),
+                                  "ranks": removed}
+    return out
 
 
 def _keys(metrics: dict) -> dict:
@@ -48,18 +87,30 @@ def test_report(dataset, evaluate: Callable[..., dict], valid, test, unconstrain
     ``invalid_rate`` (else 0 for ``exact`` ranking, which returns items only, and None, not
     measured, for a search whose unconstrained pass was skipped), ``popularity`` (the
     most-popular baseline, cold items excluded under a cold split), the cold / warm groups
-    when ``dataset.cold`` is set (``test`` is then their union), and ``eval_users_per_second``."""
-    valid_metrics = evaluate(valid)
-    if dataset.cold is None:
-        test_metrics = evaluate(test)
-    else:  # cold-start / zero-shot: cold-target users and the rest apart; "test" is their union
-        test_cold, test_warm = evaluate_groups(evaluate, test, dataset.test_is_cold())
-        test_metrics = combine_metrics([test_cold, test_warm])
+    when ``dataset.cold`` is set (``test`` is then their union), and ``eval_users_per_second``.
+
+    The evaluations of ``valid`` and ``test`` run inside ``modules.evaluation.keeping_ranks``:
+    evaluators that keep per-user ranks (``evaluate_generative``, ``evaluate_exact_topk``,
+    ``evaluate_actionpiece``) add ``test_history_removed`` (the test ranked with each user's
+    history items removed, HSTU's protocol; ``test`` stays the headline, as
+    TIGER and ActionPiece report it), ``intervals`` (``{"valid" | "test" |
+    "test_history_removed" | "popularity": {metric: [low, high]}}``, 95% percentile bootstrap
+    over users, 1,000 resamples, seed 0: ``modules.intervals``) and ``ranks``, a
+    ``modules.intervals.RunRanks`` (every test user's rank, in test order, also under a cold
+    split) that ``print_result`` writes to ``result.ranks.npz`` and leaves out of the JSON."""
+    with keeping_ranks():
+        valid_metrics = evaluate(valid)
+        if dataset.cold is None:
+            test_metrics = evaluate(test)
+        else:  # cold-start / zero-shot: cold-target users and the rest apart; "test" is their union
+            is_cold = dataset.test_is_cold()
+            test_cold, test_warm = evaluate_groups(evaluate, test, is_cold)
+            test_metrics = {**combine_metrics([test_cold, test_warm]), **_in_user_order(is_cold, test_cold, test_warm)}
     free = evaluate(test, unconstrained=True) if unconstrained else None
     popular = popularity_ranking(dataset.train_item_counts(), len(test), 10,
                                  exclude=None if dataset.cold is None else np.flatnonzero(dataset.cold))
     pop_metrics = ranking_metrics(popular, test.target, ks=(1, 5, 10))
-    return {
+    report = {
         "valid": _keys(valid_metrics),
         "test": _keys(test_metrics),
         **({} if free is None else {"unconstrained_test": _keys(free)}),
@@ -68,3 +119,25 @@ def test_report(dataset, evaluate: Callable[..., dict], valid, test, unconstrain
         **({} if dataset.cold is None else cold_report(dataset, test, test_cold, test_warm, popular)),
         "eval_users_per_second": round(test_metrics["users_per_second"], 1),
     }
+    if "ranks" not in test_metrics or "ranks" not in valid_metrics:  # an evaluator that keeps none
+        return report
+    ranks = RunRanks(split=split_fingerprint(dataset), dataset=dataset.fingerprint())
+    ranks.add("test", test_metrics["ranks"], test.user, test.target)
+    ranks.add("valid", valid_metrics["ranks"], valid.user, valid.target)
+    removed = test_metrics.get("history_removed")
+    if removed is not None:
+        report["test_history_removed"] = _keys(removed)
+        ranks.add("test_history_removed", removed["ranks"], test.user, test.target)
+    pop_ranks = target_ranks(popular, test.target).numpy()
+    report["intervals"] = {name: _interval(r) for name, r in (
+        ("valid", valid_metrics["ranks"]), ("test", test_metrics["ranks"]),
+        *((("test_history_removed", removed["ranks"]),) if removed is not None else ()),
+        ("popularity", pop_ranks))}
+    report["ranks"] = ranks
+    return report
+
+
+def _interval(ranks) -> dict:
+    """The bootstrap interval of each of the REPORT_KEYS."""
+    every = bootstrap_interval(ranks)
+    return {k: every[k] for k in REPORT_KEYS}

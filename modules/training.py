@@ -67,12 +67,22 @@ def print_result(result: dict, out_dir: str | Path | None = None) -> None:
     """The last stdout line of every script: one JSON object. With ``out_dir``, also written
     (atomically) to ``out_dir/result.json`` with the command line and the resolved config, so
     that a reported figure can be traced to what produced it (README rows: results/).
-    Under torchrun only rank 0 prints and writes (the others hold the same figures)."""
+    Under torchrun only rank 0 prints and writes (the others hold the same figures).
+    A ``ranks`` entry (``modules.intervals.RunRanks``, from ``modules.reporting.test_report``)
+    is written to ``out_dir/result.ranks.npz`` (atomically, before the JSON, which names it
+    under ``ranks_file``) and left out of the JSON and the printed line."""
     if not distributed.is_main():
         return
+    from modules.intervals import RANKS_SUFFIX, RunRanks
+
+    ranks = result.get("ranks")
+    if isinstance(ranks, RunRanks):
+        result = {k: v for k, v in result.items() if k != "ranks"}
     if out_dir is not None:
         path = Path(out_dir) / "result.json"
         record = {**result, "command": " ".join(["python", *sys.argv]), "config": resolved_config()}
+        if isinstance(ranks, RunRanks):
+            record["ranks_file"] = ranks.save(path.with_name(path.stem + RANKS_SUFFIX)).name
         if distributed.world_size() > 1:
             record["processes"] = distributed.world_size()
         tmp = path.with_name(f".{path.name}.{os.getpid()}")

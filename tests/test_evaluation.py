@@ -518,3 +518,241 @@ def test_users_progress_prints_every_interval_without_a_terminal(capsys, monkeyp
     progress.update(400)  # t=45: 15 s after the last line
     progress.update(1000)  # t=70: done, no line
     assert capsys.readouterr().err.splitlines() == ["[eval] 300/1,000 users, 10 users/s, ~1.2 min left"]
+
+
+# ---------------------------------------------------------------- per-user ranks, history removed
+# (issue 21: the test report keeps each user's rank for intervals and paired comparisons, and a
+# second report ranks with the user's history items removed, as RecBole's and HSTU's evaluators do)
+
+from modules.evaluation import (  # noqa: E402
+    drop_items, evaluate_exact_topk, keeping_ranks, target_ranks,
+)
+
+
+def naive_ranks(ranked, target, k=10):
+    """The first position of each target in the first k items of its ranking, -1 if absent."""
+    out = []
+    for row, t in zip(np.asarray(ranked).tolist(), np.asarray(target).tolist()):
+        out.append(row[:k].index(t) if t in row[:k] else -1)
+    return np.array(out)
+
+
+def naive_without(ranking: list, history) -> list:
+    """A ranking with the history items (-1: padding) removed, the rest in order."""
+    seen = {int(h) for h in history if h >= 0}
+    return [i for i in ranking if i not in seen]
+
+
+def pad(row: list, k: int = 10) -> list:
+    return (row + [-1] * k)[:k]
+
+
+def test_target_ranks_and_drop_items_by_hand():
+    ranked = torch.tensor([[5, 3, 3, -1], [1, 2, 4, 6], [-1, 7, 2, 0]])
+    np.testing.assert_array_equal(target_ranks(ranked, [3, 9, 0]), [1, -1, 3])
+    history = torch.tensor([[3, -1], [2, 6], [-1, -1]])
+    np.testing.assert_array_equal(drop_items(ranked, history), [[5, -1, -1, -1], [1, 4, -1, -1], [-1, 7, 2, 0]])
+    items, scores = drop_items(ranked, history, torch.tensor([[4.0, 3, 2, 1]] * 3))
+    np.testing.assert_array_equal(items[1], [1, 4, -1, -1])
+    assert scores[1].tolist() == [4.0, 2.0, float("-inf"), float("-inf")]
+
+
+def test_accumulator_ranks_follow_the_keys():
+    """Batches updated out of order (as a rank's share, then merged) come back in key order."""
+    rng = np.random.default_rng(1)
+    ranked, target = rng.integers(-1, 12, size=(50, 10)), rng.integers(0, 12, size=50)
+    acc = MetricAccumulator(keep_ranks=True)
+    for start in (40, 0, 20, 10, 30):
+        acc.update(ranked[start:start + 10], target[start:start + 10], key=start)
+    np.testing.assert_array_equal(acc.ranks(), naive_ranks(ranked, target))
+    with pytest.raises(ValueError, match="keep_ranks"):
+        MetricAccumulator().ranks()
+    # Wider rankings: ranks count within the first max(ks) columns, -1 beyond, as the metrics do.
+    wide = np.tile(np.arange(20), (2, 1))
+    acc = MetricAccumulator(ks=(1, 5), keep_ranks=True)
+    acc.update(wide, np.array([3, 7]))
+    np.testing.assert_array_equal(acc.ranks(), [3, -1])
+
+
+def test_accumulator_ranks_merge_over_ranks_in_key_order(monkeypatch):
+    """merge_ranks under torchrun: two ranks' batches (even and odd) gathered in batch order."""
+    from modules import distributed
+
+    rng = np.random.default_rng(2)
+    ranked, target = rng.integers(-1, 12, size=(40, 10)), rng.integers(0, 12, size=40)
+    accs = [MetricAccumulator(keep_ranks=True) for _ in range(2)]
+    for b, start in enumerate(range(0, 40, 8)):
+        accs[b % 2].update(ranked[start:start + 8], target[start:start + 8], key=b)
+    # The other rank's share, in the order merge_ranks gathers: per-batch sums, then ranks.
+    other = iter([[(k, (s, n)) for k, s, n in accs[1]._parts], list(accs[1]._ranks)])
+
+    def gather_keyed(parts):  # all_gather of both ranks' pairs, sorted by key
+        return sorted(list(parts) + next(other), key=lambda p: p[0])
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "gather_keyed", gather_keyed)
+    accs[0].merge_ranks()
+    np.testing.assert_array_equal(accs[0].ranks(), naive_ranks(ranked, target))
+    assert accs[0].count == 40
+
+
+def run_ranked_eval(examples, answers, batch_size, beam_size=10, keep_ranks=True, **kw):
+    layout = TokenLayout(EVAL_SIZES, num_user_buckets=0)
+    return evaluate_generative(OracleModel(layout, answers, False), examples, EVAL_CODES, layout,
+                               PrefixTrie(EVAL_CODES, EVAL_SIZES), beam_size=beam_size, top_k=10,
+                               batch_size=batch_size, keep_ranks=keep_ranks, **kw)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 64])
+def test_evaluate_generative_keeps_ranks_in_example_order(batch_size):
+    examples, answers = make_users(RANK_PATTERNS, RANK_TARGETS)
+    plain = run_eval(examples, answers, batch_size)
+    assert "ranks" not in plain and "history_removed" not in plain
+    m = run_ranked_eval(examples, answers, batch_size)
+    np.testing.assert_array_equal(m["ranks"], [0, 4, 5, 9, -1, -1, 1, 0, 3, 0])
+    assert m["ranks"].dtype == np.int16
+    same = [k for k in plain if k != "users_per_second"]
+    assert {k: m[k] for k in same} == {k: plain[k] for k in same}  # the metrics are unchanged
+    with keeping_ranks():  # how test_report asks through a script's own evaluate closure
+        np.testing.assert_array_equal(run_eval(examples, answers, batch_size)["ranks"], m["ranks"])
+    assert "ranks" not in run_eval(examples, answers, batch_size)  # the context is gone
+    free = run_ranked_eval(examples, answers, batch_size, unconstrained=True)
+    assert "ranks" in free and "history_removed" not in free  # no history report for the free search
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([1, 4, 9]), st.sampled_from([10, 13]))
+def test_history_removed_generative_matches_naive(seed, batch_size, beam_size):
+    """The history-removed list against a naive reference: the oracle's order over the items (what
+    a search of ``beam_size`` beams returns: its first ``beam_size`` items; 13 = every item), the
+    user's history removed, cut to 10."""
+    rng = np.random.default_rng(seed)
+    n = 9
+    patterns = ["".join(rng.choice(list("vI"), int(rng.integers(0, 6)))) + rng.choice(["T", ""]) for _ in range(n)]
+    targets = [int(t) for t in rng.integers(0, N_EVAL_ITEMS, n)]
+    examples, answers = make_users(patterns, targets, seed=seed)
+    if seed % 2:  # some targets in the history too (a repeat): removed from the list, so a miss
+        history = examples.history.copy()
+        history[::3, 0] = examples.target[::3]
+        keys = [tuple(int(i) for i in h if i >= 0) for h in examples.history]
+        moved = {tuple(int(i) for i in h if i >= 0): answers[k] for h, k in zip(history, keys)}
+        if len(moved) == n:  # histories still tell the users apart
+            examples, answers = Examples(examples.user, history, examples.target), moved
+    m = run_ranked_eval(examples, answers, batch_size, beam_size=beam_size)
+    full = [[ITEM_SEQS.index(s) for s in answers[tuple(int(i) for i in h if i >= 0)][1] if s in ITEM_SEQS]
+            for h in examples.history]
+    headline = [pad(r[:beam_size][:10]) for r in full]
+    removed = [pad(naive_without(r[:beam_size], h)) for r, h in zip(full, examples.history)]
+    np.testing.assert_array_equal(m["ranks"], naive_ranks(headline, examples.target))
+    assert_close({k: m[k] for k in naive_metrics(headline, examples.target, (1, 5, 10))},
+                 naive_metrics(headline, examples.target, (1, 5, 10)))
+    hr = m["history_removed"]
+    np.testing.assert_array_equal(hr["ranks"], naive_ranks(removed, examples.target))
+    expected = naive_metrics(removed, examples.target, (1, 5, 10))
+    assert_close({k: hr[k] for k in expected}, expected)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 10), st.sampled_from([1, 4, 10]))
+def test_history_removed_with_cold_slots_matches_naive(seed, n_cold, slots, batch_size):
+    """Cold slots: both searches (beam 13: every item) lose the history items, then merge."""
+    rng = np.random.default_rng(seed)
+    n = 9
+    patterns = ["".join(rng.choice(list("vI"), int(rng.integers(0, 6)))) + rng.choice(["T", ""]) for _ in range(n)]
+    targets = [int(t) for t in rng.integers(0, N_EVAL_ITEMS, n)]
+    examples, answers = make_users(patterns, targets, seed=seed)
+    cold = set(int(i) for i in rng.choice(N_EVAL_ITEMS, n_cold, replace=False))
+    warm_ids = torch.tensor([i for i in range(N_EVAL_ITEMS) if i not in cold])
+    cold_ids = torch.tensor(sorted(cold))
+    layout = TokenLayout(EVAL_SIZES, num_user_buckets=0)
+    out = evaluate_generative(
+        OracleModel(layout, answers, False), examples, EVAL_CODES, layout,
+        PrefixTrie(EVAL_CODES[warm_ids], EVAL_SIZES, item_ids=warm_ids), beam_size=13, top_k=10,
+        batch_size=batch_size, cold_trie=PrefixTrie(EVAL_CODES[cold_ids], EVAL_SIZES, item_ids=cold_ids),
+        cold_slots=slots, keep_ranks=True)
+    removed = []
+    for h in examples.history:
+        items = naive_without([ITEM_SEQS.index(s) for s in answers[tuple(int(i) for i in h if i >= 0)][1]
+                               if s in ITEM_SEQS], h)
+        chosen_cold = [i for i in items if i in cold][:slots]
+        chosen = set(chosen_cold + [i for i in items if i not in cold][:10 - len(chosen_cold)])
+        removed.append(pad([i for i in items if i in chosen]))
+    np.testing.assert_array_equal(out["history_removed"]["ranks"], naive_ranks(removed, examples.target))
+    expected = naive_metrics(removed, examples.target, (1, 5, 10))
+    assert_close({k: out["history_removed"][k] for k in expected}, expected)
+
+
+class TableScorer:
+    """scores(history) -> a fixed random score per (user, item), the user known by its history."""
+
+    def __init__(self, examples, num_items, seed=0):
+        self.table = {tuple(h.tolist()): s for h, s in
+                      zip(examples.history, np.random.default_rng(seed).standard_normal((len(examples), num_items)))}
+        self.training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def scores(self, history):
+        return torch.tensor(np.stack([self.table[tuple(h.tolist())] for h in history]))
+
+
+@pytest.mark.parametrize("num_items, batch_size", [(40, 7), (40, 64), (12, 5)])
+def test_history_removed_exact_topk_matches_naive(num_items, batch_size):
+    """SASRec-style exact ranking: history scores set to -inf before the top 10, against sorting
+    every item and removing the history by hand (12 items, histories up to 6: some users have
+    fewer than 10 items left, padded with -1)."""
+    rng = np.random.default_rng(num_items + batch_size)
+    n, width = 30, 6
+    history = np.full((n, width), -1, dtype=np.int64)
+    for u in range(n):
+        length = int(rng.integers(1, width + 1))
+        history[u, :length] = rng.choice(num_items, length, replace=False)
+    target = rng.integers(0, num_items, n)
+    target[::4] = history[::4, 0]  # a repeat of a history item: a miss once it is removed
+    examples = Examples(np.arange(n), history, target)
+    scorer = TableScorer(examples, num_items)
+    m = evaluate_exact_topk(scorer, examples, batch_size=batch_size, keep_ranks=True)
+    full = [list(np.argsort(-scorer.table[tuple(h.tolist())], kind="stable")) for h in history]
+    headline = [r[:10] for r in full]
+    removed = [pad(naive_without(r, h)) for r, h in zip(full, history)]
+    np.testing.assert_array_equal(m["ranks"], naive_ranks(headline, target))
+    assert_close({k: m[k] for k in naive_metrics(headline, target, (1, 5, 10))},
+                 naive_metrics(headline, target, (1, 5, 10)))
+    np.testing.assert_array_equal(m["history_removed"]["ranks"], naive_ranks(removed, target))
+    expected = naive_metrics(removed, target, (1, 5, 10))
+    assert_close({k: m["history_removed"][k] for k in expected}, expected)
+    assert m["history_removed"]["recall@10"] > 0 and (m["history_removed"]["ranks"][::4] == -1).all()
+    assert "ranks" not in evaluate_exact_topk(scorer, examples, batch_size=batch_size)
+
+
+def test_actionpiece_evaluator_keeps_ranks_and_removes_history():
+    """evaluate_actionpiece with keep_ranks (tests/test_actionpiece_eval.py's planned model): the
+    ranks of the headline scoring, and the history items dropped from its fused ranking."""
+    from tests.test_actionpiece_eval import ITEMS, item_beam, run_eval, tuple_beam
+
+    from modules.actionpiece import ActionPieceTokenizer
+    from modules.actionpiece.recommender import ActionPieceLayout
+
+    t2f = [(-1, -1)] + [(0, v) for v in range(4)] + [(1, v) for v in range(4)] + [(-1, 1, 6)]
+    tok = ActionPieceTokenizer(2, 9, t2f, [0.0] * 9 + [5.0], np.array(ITEMS))
+    layout = ActionPieceLayout.build(tok, "all")
+    i = lambda x: item_beam(layout, x)  # noqa: E731
+    users = [
+        ([1], 3, [tuple_beam(layout, 0, 0), i(3), i(4)]),  # official rank 1, lenient 0; no history item listed
+        ([4, 2], 6, [i(4), i(5), i(2), i(6)]),  # rank 3; without items 4 and 2: rank 1
+        ([5], 5, [i(5), i(7)]),  # rank 0, but the target is a history item: a miss once removed
+        ([8], 9, [i(8)] + [i(x) for x in (0, 1, 2, 3, 4, 5, 6, 7, 10)] + [i(9)]),  # rank 10 -> 9 without 8
+    ]
+    plain = run_eval(tok, layout, users, batch_size=1)
+    assert "ranks" not in plain
+    official = run_eval(tok, layout, users, batch_size=1, num_beams=12, keep_ranks=True)
+    np.testing.assert_array_equal(official["ranks"], [1, 3, 0, -1])
+    np.testing.assert_array_equal(official["history_removed"]["ranks"], [1, 1, -1, 9])
+    assert official["history_removed"]["recall@10"] == 3 / 4
+    lenient = run_eval(tok, layout, users, batch_size=3, num_beams=12, keep_ranks=True, invalid_beams="drop")
+    np.testing.assert_array_equal(lenient["ranks"], [0, 3, 0, -1])
+    np.testing.assert_array_equal(lenient["history_removed"]["ranks"], [0, 1, -1, 9])

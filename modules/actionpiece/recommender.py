@@ -41,7 +41,7 @@ from modules.actionpiece.segment import fuse_beams
 from modules.actionpiece.tokenizer import ActionPieceTokenizer
 from modules import distributed
 from modules.beam_search import beam_search_tokens
-from modules.evaluation import MetricAccumulator, UsersProgress
+from modules.evaluation import MetricAccumulator, UsersProgress, drop_items, wants_ranks
 from modules.tokens import BOS, EOS, NUM_SPECIAL, PAD
 
 IGNORE = -100  # label padding, ignored by the loss
@@ -211,7 +211,8 @@ def fuse_keys(lists, width: int) -> tuple[np.ndarray, np.ndarray, int]:
 
 def evaluate_actionpiece(model, tok: ActionPieceTokenizer, layout: ActionPieceLayout, decoder: ItemDecoder,
                          examples, *, q: int, num_beams: int, batch_size: int, seed: int, device: torch.device,
-                         autocast_dtype: torch.dtype | None = None, invalid_beams: str = "keep_rank") -> dict:
+                         autocast_dtype: torch.dtype | None = None, invalid_beams: str = "keep_rank",
+                         keep_ranks: bool | None = None) -> dict:
     """Recall/NDCG by generation (spec sections 10-11): q SPR segmentations per user, beam search
     over n_categories steps each, beams decoded and fused with ``fuse_beams``.
 
@@ -231,6 +232,12 @@ def evaluate_actionpiece(model, tok: ActionPieceTokenizer, layout: ActionPieceLa
     Under torchrun every rank must call it: each runs every world_size-th batch (the same
     segmentations, seeded by batch number) and the per-batch results are gathered and added in
     batch order, so every rank returns exactly the single-process figures.
+
+    ``keep_ranks`` (None: whether inside ``modules.evaluation.keeping_ranks``): also ``ranks``
+    (each user's target position in the top 10 of the ``invalid_beams`` scoring, -1: not there;
+    in the order of ``examples``) and ``history_removed`` (that scoring's metrics and ranks
+    with the user's history items dropped from its fused ranking of ``max(num_beams, 10)``
+    items before the top 10), as ``modules.evaluation.evaluate_generative`` returns them.
     """
     if invalid_beams not in INVALID_BEAMS:
         raise ValueError(f"train_actionpiece.invalid_beams must be one of {INVALID_BEAMS}, got {invalid_beams!r}")
@@ -258,7 +265,10 @@ def evaluate_actionpiece(model, tok: ActionPieceTokenizer, layout: ActionPieceLa
             empty += max(0, ERR_K - n_fused)
         return official, lenient, empty, int((keys < 0).sum()), int((keys <= NO_ITEM).sum())
 
-    acc = {"official": MetricAccumulator(METRIC_KS), "lenient": MetricAccumulator(METRIC_KS)}
+    keep = wants_ranks(keep_ranks)
+    headline = "official" if invalid_beams == "keep_rank" else "lenient"
+    acc = {name: MetricAccumulator(METRIC_KS, keep_ranks=keep and name == headline) for name in ("official", "lenient")}
+    removed = MetricAccumulator(METRIC_KS, keep_ranks=True) if keep else None
     empty, invalid, no_item, t0 = 0, 0, 0, time.perf_counter()
     threads = torch.get_num_threads()
     workers = 1 if device.type != "cpu" else threads
@@ -271,6 +281,10 @@ def evaluate_actionpiece(model, tok: ActionPieceTokenizer, layout: ActionPieceLa
                 target = examples.target[starts[b]: starts[b] + len(official)]
                 acc["official"].update(official, target, key=b)
                 acc["lenient"].update(lenient, target, key=b)
+                if keep:
+                    history = examples.history[starts[b]: starts[b] + len(official)]
+                    kept = drop_items(official if headline == "official" else lenient, history)
+                    removed.update(kept[:, :max(METRIC_KS)], target, key=b)
                 progress.update(starts[b] + len(official))
                 empty, invalid, no_item = empty + e, invalid + bad, no_item + phantom
     finally:
@@ -278,6 +292,8 @@ def evaluate_actionpiece(model, tok: ActionPieceTokenizer, layout: ActionPieceLa
     if distributed.active():  # integer counts: their sum over ranks is exact
         for a in acc.values():
             a.merge_ranks()
+        if keep:
+            removed.merge_ranks()
         empty, invalid, no_item = (sum(c) for c in zip(*distributed.all_gather_object((empty, invalid, no_item))))
     seconds = time.perf_counter() - t0
     if distributed.active():
@@ -285,7 +301,11 @@ def evaluate_actionpiece(model, tok: ActionPieceTokenizer, layout: ActionPieceLa
     model.train(was_training)
     scores = {name: a.compute() for name, a in acc.items()}
     beams = n * q * num_beams
-    return {**scores["official" if invalid_beams == "keep_rank" else "lenient"],
-            **{f"{name}/{k}": v for name, s in scores.items() for k, v in s.items()},
-            "err@10": empty / (n * ERR_K), "invalid_rate": invalid / beams, "no_item_rate": no_item / beams,
-            "users": n, "users_per_second": n / max(seconds, 1e-9)}
+    result = {**scores[headline],
+              **{f"{name}/{k}": v for name, s in scores.items() for k, v in s.items()},
+              "err@10": empty / (n * ERR_K), "invalid_rate": invalid / beams, "no_item_rate": no_item / beams,
+              "users": n, "users_per_second": n / max(seconds, 1e-9)}
+    if keep:
+        result["ranks"] = acc[headline].ranks()
+        result["history_removed"] = {**removed.compute(), "ranks": removed.ranks()}
+    return result
