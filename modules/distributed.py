@@ -103,9 +103,29 @@ def init(device: str = "auto") -> torch.device:
     if not active():
         # NCCL for the CUDA tensors (gradients, model broadcast); gloo for CPU tensors and the
         # pickled objects of evaluation and checkpoint bookkeeping.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
+        backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
+        store = _attempt_store()
+        if store is None:
+            dist.init_process_group(backend, timeout=TIMEOUT)
+        else:
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=TIMEOUT)
         atexit.register(shutdown)
     return dev
+
+
+def _attempt_store() -> "dist.Store | None":
+    """Under ``torchrun --max-restarts``, the key-value store of this attempt: torchrun's agent
+    keeps one TCP store for all attempts (TORCHELASTIC_USE_AGENT_STORE) and torch's env://
+    rendezvous adds no per-attempt prefix, so the workers of a restart would read the addresses
+    that the killed attempt's workers published and fail to connect ("Gloo connectFullMesh
+    failed ... Connection refused"). Keys under ``attempt_<TORCHELASTIC_RESTART_COUNT>/`` are
+    this attempt's alone. None (torch's own env:// rendezvous) outside torchelastic's store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=TIMEOUT)
+    return dist.PrefixStore(f"sidrec/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def shutdown() -> None:

@@ -12,12 +12,14 @@ Under torchrun the same loop runs data-parallel (``modules/distributed.py``; see
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import math
 import os
 import platform
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -345,68 +347,265 @@ def check_same_run(path: str | Path, state: dict, identity: dict[str, str] | Non
 
 
 # ----------------------------------------------------------------------------- checkpoints
+#
+# On disk, a checkpoint ``X.pt`` is a plain torch.save file (any torch.load reads it) with a
+# checksum beside it, ``X.pt.sha256``: one JSON line {"file": "X.pt", "bytes": N, "sha256": hex}
+# written (atomically) after the .pt, from the bytes as they were written. Loading checks it
+# and names the file and the problem (truncated, longer than written, bytes changed). A
+# resume checkpoint also keeps its predecessor, ``X.prev.pt`` (+ ``X.prev.pt.sha256``), rotated
+# by renames only after the new file and its checksum are completely on disk; loading falls
+# back to it, with a warning, when ``X.pt`` is damaged or missing. A checkpoint without a
+# checksum file (written before checksums, or a crash between two renames) is loaded when
+# torch can read it, unverified.
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temp file in the same folder, fsync, then rename over ``path``."""
+class CheckpointError(RuntimeError):
+    """A checkpoint on disk cannot be used: truncated, bytes changed since it was written, its
+    checksum file damaged, or unreadable. The message names the file(s) and the problem."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, quota, I/O error): nothing was replaced, the
+    checkpoint that was at the path before (if any) is unchanged. ``errno`` is the cause's."""
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """The latest checkpoint was damaged or missing; the previous one (``X.prev.pt``) was loaded."""
+
+
+def checksum_path(path: str | Path) -> Path:
+    """``X.pt`` -> ``X.pt.sha256``, the checksum file written beside a checkpoint."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def previous_path(path: str | Path) -> Path:
+    """``last.pt`` -> ``last.prev.pt``, the checkpoint kept from the save before."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+class _HashingWriter:
+    """A binary file wrapper counting and hashing what torch.save writes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        self.error: OSError | None = None  # torch.save's zip writer reports a failed write as a RuntimeError
+
+    def write(self, b) -> int:
+        try:
+            n = self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+        self.sha.update(b)
+        self.size += memoryview(b).nbytes
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_failure(path: Path, e: OSError) -> str:
+    cause = {errno.ENOSPC: "disk full", getattr(errno, "EDQUOT", -1): "disk quota exceeded"}.get(e.errno, "write failed")
+    kept = (f"{path} is unchanged (the previous checkpoint)" if path.exists()
+            else f"there was no earlier {path.name} to keep")
+    return (f"could not write checkpoint {path}: {cause} ({e.strerror or e}) in {path.parent}; "
+            f"nothing was replaced: {kept}. Free space (or fix the folder) and resume.")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform (Windows): the renames are still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path, keep_previous: bool = False) -> Path:
+    """torch.save to a temp file in the same folder, fsync, write the checksum file (to a temp
+    file too), then rename both over ``path`` and ``path.sha256``. With ``keep_previous`` the
+    checkpoint at ``path`` is first renamed to :func:`previous_path` (with its checksum).
+
+    A failed write (e.g. disk full) raises :class:`CheckpointWriteError` naming the file and the
+    cause, after removing the temp files: the files at ``path`` are not touched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    sums = checksum_path(path)
+    tmp = tmp_sum = writer = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                writer = _HashingWriter(f)
+                torch.save(obj, writer)
+                f.flush()
+                os.fsync(f.fileno())
+            record = {"file": path.name, "bytes": writer.size, "sha256": writer.sha.hexdigest()}
+            fd, tmp_sum = tempfile.mkstemp(prefix=f".{sums.name}.", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise CheckpointWriteError(e.errno, _write_failure(path, e)) from e
+        except RuntimeError as e:  # torch.save's zip writer turns the file's OSError into a RuntimeError
+            if writer is None or writer.error is None:
+                raise
+            raise CheckpointWriteError(writer.error.errno, _write_failure(path, writer.error)) from writer.error
+        # Only renames from here on (no new space). A reader between two of them sees a .pt with
+        # its own checksum, or a .pt without one (loaded unverified), never a wrong pair that
+        # would pass: the old checksum file goes first.
+        if keep_previous and path.exists():
+            prev = previous_path(path)
+            if sums.exists():
+                os.replace(sums, checksum_path(prev))
+            else:
+                checksum_path(prev).unlink(missing_ok=True)
+            os.replace(path, prev)
+        else:
+            sums.unlink(missing_ok=True)
         os.replace(tmp, path)
+        os.replace(tmp_sum, sums)
+        _fsync_dir(path.parent)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for t in (tmp, tmp_sum):
+            if t is not None and os.path.exists(t):
+                os.unlink(t)
     return path
 
 
+def verify_checkpoint(path: str | Path) -> bool:
+    """Check ``path`` against its checksum file: True when it matches, False when there is no
+    checksum file (unverified). Raises :class:`CheckpointError` naming the file and the problem
+    (truncated, longer than written, checksum mismatch, damaged checksum file)."""
+    path = Path(path)
+    sums = checksum_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        text = sums.read_text()
+    except FileNotFoundError:
+        return False
+    try:
+        record = json.loads(text)
+        want_size, want_sha = int(record["bytes"]), str(record["sha256"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: its checksum file {sums} is damaged ({e!r}); cannot verify the checkpoint")
+    size = path.stat().st_size
+    if size < want_size:
+        raise CheckpointError(f"{path}: damaged checkpoint: truncated ({size:,} of the {want_size:,} bytes written)")
+    if size > want_size:
+        raise CheckpointError(f"{path}: damaged checkpoint: {size:,} bytes, longer than the {want_size:,} written")
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            sha.update(block)
+    if sha.hexdigest() != want_sha:
+        raise CheckpointError(f"{path}: damaged checkpoint: checksum mismatch (sha256 {sha.hexdigest()[:16]}... on "
+                              f"disk, {want_sha[:16]}... when written): bytes changed on disk")
+    return True
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """``torch.load`` of a checkpoint after :func:`verify_checkpoint` (CPU tensors); a file that
+    fails the check or that torch cannot read raises :class:`CheckpointError` naming it."""
+    path = Path(path)
+    verified = verify_checkpoint(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - any unpickling / zip failure means a damaged file
+        how = "" if verified else " (no checksum file beside it)"
+        raise CheckpointError(f"{path}: damaged checkpoint: cannot be read{how}: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (a {type(state).__name__}, not a dict)")
+    return state
+
+
+def read_checkpoint_or_previous(path: str | Path) -> tuple[dict, Path]:
+    """The checkpoint at ``path`` or, when that one is damaged or missing, its predecessor
+    :func:`previous_path` (with a :class:`CheckpointFallbackWarning` naming the problem).
+    Returns (state, the file read). Both damaged: :class:`CheckpointError` naming both."""
+    path = Path(path)
+    prev = previous_path(path)
+    if not path.exists() and not prev.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return read_checkpoint(path), path
+    except (CheckpointError, FileNotFoundError) as e:
+        problem = str(e) if path.exists() else f"{path} is missing"
+        if not prev.exists():
+            if isinstance(e, CheckpointError):
+                raise CheckpointError(f"{problem}\nand there is no previous checkpoint ({prev}) to fall back to; "
+                                      f"delete {path} to start over") from e
+            raise
+    try:
+        state = read_checkpoint(prev)
+    except CheckpointError as e2:
+        raise CheckpointError(f"both checkpoints are damaged:\n  {problem}\n  {e2}\n"
+                              f"delete them to start over") from e2
+    if distributed.is_main():
+        warnings.warn(f"{problem}\nfalling back to the previous checkpoint {prev} (step {state.get('step')}): "
+                      "the steps after it are trained again", CheckpointFallbackWarning, stacklevel=2)
+    return state, prev
+
+
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None, step: int,
-                    extra: dict | None = None, identity: dict[str, str] | None = None) -> Path:
+                    extra: dict | None = None, identity: dict[str, str] | None = None,
+                    keep_previous: bool | None = None) -> Path:
     """Everything needed to resume exactly, plus the resolved config and the fingerprints of the
-    run's inputs (``identity``) that :func:`check_same_run` compares on resume.
+    run's inputs (``identity``) that :func:`check_same_run` compares on resume. Written with
+    :func:`atomic_torch_save` (checksum beside it); ``keep_previous`` (default: True unless the
+    file is named ``best.pt``) keeps the checkpoint it replaces as :func:`previous_path`.
 
     Under torchrun a collective: every rank calls it, rank 0 alone writes, adding every rank's
-    RNG state (``rng_per_rank``) so that each rank resumes its own random stream."""
+    RNG state (``rng_per_rank``) so that each rank resumes its own random stream; a failed write
+    raises on every rank."""
+    path = Path(path)
+    keep = path.name != "best.pt" if keep_previous is None else keep_previous
     per_rank = distributed.all_gather_object(rng_state()) if distributed.active() else None
-    if not distributed.is_main():
-        distributed.barrier()
-        return Path(path)
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "step": step,
-        "rng": rng_state(),
-        "config": resolved_config(),
-        "identity": identity or {},
-        "extra": extra or {},
-    }
-    if per_rank is None:
-        return atomic_torch_save(state, path)
-    state["rng_per_rank"] = per_rank
-    atomic_torch_save(state, path)
-    distributed.barrier()  # no rank goes on (and may read it) before the file is complete
-    return Path(path)
+
+    def write() -> Path:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "step": step,
+            "rng": rng_state(),
+            "config": resolved_config(),
+            "identity": identity or {},
+            "extra": extra or {},
+        }
+        if per_rank is not None:
+            state["rng_per_rank"] = per_rank
+        return atomic_torch_save(state, path, keep_previous=keep)
+
+    # No rank goes on (and may read it) before the file is complete.
+    distributed.on_main(write)
+    return path
 
 
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
                     restore_rng: bool = True, identity: dict[str, str] | None = None,
-                    script: str | None = None) -> dict:
-    """Load a checkpoint into the given objects; returns the whole dict (step, extra, config).
+                    script: str | None = None, fallback: bool = True) -> dict:
+    """Load a checkpoint into the given objects; returns the whole dict (step, extra, config),
+    with ``loaded_from``: the file read.
 
-    With ``script`` (the train function's name), first checks that the checkpoint belongs to
-    the current run (same bindings but RESUME_MAY_CHANGE, same ``identity``)."""
+    The file is checked against its checksum first (:func:`read_checkpoint`); with ``fallback``,
+    a damaged or missing ``path`` falls back to its predecessor :func:`previous_path` with a
+    warning (:func:`read_checkpoint_or_previous`), never to nothing. With ``script`` (the train
+    function's name), then checks that the checkpoint belongs to the current run (same bindings
+    but RESUME_MAY_CHANGE, same ``identity``)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise RuntimeError(f"{path}: cannot read checkpoint ({e}); delete it to start over") from e
+    if fallback:
+        state, path = read_checkpoint_or_previous(path)
+    else:
+        state = read_checkpoint(path)
     if script is not None:
         check_same_run(path, state, identity, script)
     try:
@@ -419,6 +618,7 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None,
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
         set_rng_state(_own_rng(state, path))
+    state["loaded_from"] = path
     return state
 
 
@@ -610,6 +810,14 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
     ``max_train_minutes``) now lets it go on. A NaN or inf loss raises
     :class:`NonFiniteLossError` before anything is saved from the broken weights.
 
+    Damage: every checkpoint has its checksum beside it (``last.pt.sha256``, ``best.pt.sha256``)
+    and the save before ``last.pt`` is kept as ``last.prev.pt``. A resume whose ``last.pt`` is
+    damaged (truncated, bytes changed) or missing resumes from ``last.prev.pt`` with a
+    :class:`CheckpointFallbackWarning` and moves the damaged file aside (``last.pt.damaged``);
+    both damaged raise :class:`CheckpointError` naming both: a run never silently starts over. A
+    failed save (disk full) raises :class:`CheckpointWriteError` and leaves the files as they were.
+    ``SIDREC_FAULT_KILL_AT_STEP`` is a test hook (see :func:`_fault_kill_at_step`).
+
     Under torchrun (``modules/distributed.py``) every rank runs this loop in step: ``loss_fn``
     gets the rank's contiguous shard of each global batch, gradients are summed over ranks and
     divided by the global label count (:class:`SummedLoss`) or example count (scalar loss), so
@@ -630,22 +838,38 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
         distributed.check_batches(num_examples, batch_size)
     # Every rank reads last.pt (a shared out_dir); rank 0's view decides, so that no rank can
     # take another branch than the others.
-    if distributed.broadcast_object(resume and last_path.exists()):
+    # last.prev.pt alone: a crash between the renames of a save; it is resumed from, with a warning.
+    resumed_from = None
+    if distributed.broadcast_object(resume and (last_path.exists() or previous_path(last_path).exists())):
+        # A damaged last.pt falls back to last.prev.pt (warned), both damaged raise: never a fresh start.
         state = load_checkpoint(last_path, model=model, optimizer=optimizer, scheduler=scheduler,
                                 identity=identity, script=script)
+        resumed_from = state["loaded_from"]
         step = saved_step = state["step"]
         best, best_step, bad_evals, train_seconds, run_id = (
             state["extra"][k] for k in ("best", "best_step", "bad_evals", "train_seconds", "wandb_id"))
         curves = state["extra"].get("curves", curves)
         if main:
-            print(f"[{desc}] resumed from {last_path} at step {step} (best {metric} {best:.4f})", file=sys.stderr)
+            print(f"[{desc}] resumed from {resumed_from} at step {step} (best {metric} {best:.4f})", file=sys.stderr)
     else:
         distributed.seed_per_rank(seed)
         if main and best_path.exists():  # a fresh run must never be tested with an earlier run's weights
             best_path.unlink()
             print(f"[{desc}] starting over in {out_dir}: removed the earlier run's best.pt", file=sys.stderr)
+        if main:  # nor fall back to an earlier run's checkpoint (resume = False)
+            for old in (checksum_path(best_path), last_path, checksum_path(last_path), previous_path(last_path),
+                        checksum_path(previous_path(last_path))):
+                old.unlink(missing_ok=True)
     if ddp:  # the same weights on every rank, whatever each one's initialisation did
-        distributed.broadcast_module(model)
+        distributed.broadcast_module(model)  # (also: every rank has read the checkpoint)
+    if main and resumed_from is not None and resumed_from != last_path and last_path.exists():
+        # The damaged last.pt is set aside, so that the next save does not rotate it over the
+        # good last.prev.pt.
+        for src in (last_path, checksum_path(last_path)):
+            if src.exists():
+                os.replace(src, src.with_name(src.name + ".damaged"))
+        print(f"[{desc}] moved the damaged {last_path} aside to {last_path.name}.damaged", file=sys.stderr)
+    kill_at = _fault_kill_at_step()
     logger = make_logger(wandb_mode, wandb_project, run_name or out_dir.name, out_dir, resume_id=run_id)
     run_id = getattr(logger, "run_id", None)
 
@@ -718,6 +942,8 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
         scheduler.step()
         loss_check = loss_check.to(loss.device) + loss.detach().float()
         step += 1
+        if step == kill_at:
+            _fault_kill(step)
         bar.update(1)
         if step % log_every == 0:
             check_finite(epoch)
@@ -749,10 +975,10 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
             improved = metrics[metric] > best
             if improved:
                 best, best_step, bad_evals = metrics[metric], step, 0
-                if main:
-                        atomic_torch_save({"model": model.state_dict(), "step": step, "valid": metrics,
-                                       "config": resolved_config(), "identity": identity or {},
-                                       **(best_payload or {})}, best_path)
+                # Every rank takes this branch (same metrics); rank 0 writes, a failure raises on all.
+                distributed.on_main(lambda: atomic_torch_save(
+                    {"model": model.state_dict(), "step": step, "valid": metrics, "config": resolved_config(),
+                     "identity": identity or {}, **(best_payload or {})}, best_path))
             else:
                 bad_evals += 1
             if main:
@@ -768,10 +994,43 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
     train_seconds += clock() - t_seg
     bar.close()
     finished = done or step >= max_steps
-    if not finished:
+    if not finished and saved_step != step:  # (saved at this step already: keep last.prev.pt the one before)
         save_last()
     distributed.barrier()  # what rank 0 wrote (best.pt, last.pt) is complete before any rank reads it
     return LoopResult(step, finished, best, best_step, train_seconds), logger
+
+
+# ----------------------------------------------------------------------------- fault injection (tests only)
+# A TEST HOOK, off unless the environment variable is set; it never changes what a run computes.
+# SIDREC_FAULT_KILL_AT_STEP=N makes train_loop kill its own process (SIGKILL, as the OOM killer
+# or a lost node would) right after training step N, to test that a run under
+# ``torchrun --max-restarts`` resumes from its last checkpoint and ends as an uninterrupted run
+# (tests/test_distributed.py). SIDREC_FAULT_KILL_RANK=r (default: every rank) restricts it to one
+# rank. It fires only on torchrun's first attempt (TORCHELASTIC_RESTART_COUNT unset or 0), so
+# the restarted workers run on.
+FAULT_KILL_AT_STEP = "SIDREC_FAULT_KILL_AT_STEP"
+FAULT_KILL_RANK = "SIDREC_FAULT_KILL_RANK"
+
+
+def _fault_kill_at_step() -> int | None:
+    """The step after which this process kills itself (the test hook above), or None."""
+    at = os.environ.get(FAULT_KILL_AT_STEP)
+    if not at:
+        return None
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    rank = os.environ.get(FAULT_KILL_RANK)
+    if rank not in (None, "") and int(rank) != distributed.rank():
+        return None
+    return int(at)
+
+
+def _fault_kill(step: int) -> None:
+    print(f"[fault injection] {FAULT_KILL_AT_STEP}: rank {distributed.rank()} kills itself after step {step}",
+          file=sys.stderr, flush=True)
+    if hasattr(signal, "SIGKILL"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(137)
 
 
 def _distributed_backward(model, optimizer, loss_fn, idx: np.ndarray, window: dict[str, list[float]]) -> torch.Tensor:
@@ -814,7 +1073,7 @@ def load_best(model: torch.nn.Module, out_dir: str | Path, identity: dict[str, s
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: the run never saved a best-validation checkpoint "
                                 "(no validation ran, or every validation metric was NaN)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)  # checked against best.pt.sha256: a damaged file is named, not used
     check_same_run(path, state, identity, script)
     model.load_state_dict(state["model"])
     return state

@@ -372,3 +372,41 @@ def test_only_rank_0_writes_and_prints(ddp_scripts):
     hook("open", (str(root / "runs" / "x"), "wb", 0))
     hook("os.rename", (str(root / "runs" / "x"), str(root / "runs" / "y"), -1, -1))
     assert len(hook_writes) == 2
+
+
+# ----------------------------------------------------------------------------- a killed rank under torchrun
+def test_torchrun_restart_after_a_killed_rank_ends_as_the_uninterrupted_run(ddp_scripts):
+    """``torchrun --max-restarts 1``: rank 1 is killed (SIGKILL, the fault-injection test hook
+    SIDREC_FAULT_KILL_AT_STEP) mid-epoch at step 15 of 20, after the step-10 checkpoint; torchrun
+    restarts both workers, they resume from last.pt and end with the same best.pt, bit for bit,
+    as the uninterrupted run of the same config (the fixture's ``runs/full``)."""
+    import subprocess
+
+    from tests.fixtures import dataset_bindings
+
+    root, (r0, _) = ddp_scripts
+    repo = Path(__file__).resolve().parents[1]
+    out = root / "runs" / "killed"
+    bindings = dataset_bindings(root / "data", root / "cache") + [
+        f"train_decoder.tokenizer = '{root / 'runs' / 'rq'}'", f"train_decoder.out_dir = '{out}'",
+        "train_decoder.max_steps = 20", "train_decoder.eval_every = 10", "train_decoder.device = 'cpu'"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "--max-restarts", "1", "--monitor-interval", "0.5", "train_decoder.py", "configs/tiny/decoder_tiny.gin"]
+    for b in bindings:
+        cmd += ["--gin", b]
+    env = {**os.environ, "SIDREC_FAULT_KILL_AT_STEP": "15", "SIDREC_FAULT_KILL_RANK": "1", "OMP_NUM_THREADS": "1",
+           "SIDREC_CACHE": str(root / "sidrec_cache"),  # the fixture's precision choice (measured once)
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TORCHELASTIC_RESTART_COUNT", None)
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout[-4000:] + proc.stderr[-6000:]
+    assert proc.returncode == 0, log
+    assert "rank 1 kills itself after step 15" in proc.stderr, log  # the fault did happen
+    assert f"resumed from {out / 'last.pt'} at step 10" in proc.stderr, log  # ... and the restart resumed
+    full = torch.load(root / "runs" / "full" / "best.pt", weights_only=False)
+    killed = torch.load(out / "best.pt", weights_only=False)
+    speed = "users_per_second"
+    assert killed["step"] == full["step"] and {**killed["valid"], speed: 0} == {**full["valid"], speed: 0}
+    assert full["model"].keys() == killed["model"].keys()
+    assert all(torch.equal(full["model"][k], killed["model"][k]) for k in full["model"])
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["test"] == r0["results"][1]["test"]

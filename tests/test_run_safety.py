@@ -268,3 +268,190 @@ def test_progress_line_known_answer(capsys, monkeypatch):
     line.print(20, 1.23456, elapsed=90.0)
     err = capsys.readouterr().err
     assert err.strip() == "[dec] step 20/100 loss 1.2346 21 examples/s 1.5 min, ~0.5 min left"
+
+
+# ---------------------------------------------------------------------------- damaged checkpoints, disk full
+def _flip(path, offset=None):
+    """Flip one byte in the middle of ``path`` (same size: only the checksum can tell)."""
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path, keep=0.6):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _plain_loss(model):
+    return lambda idx: ((model.w + 2) ** 2).sum()  # w -> -2: the metric -sum(w) rises
+
+
+def test_checkpoint_checksum_names_the_file_and_the_problem(tmp_path):
+    from modules.training import CheckpointError, checksum_path, load_checkpoint, save_checkpoint
+
+    path = tmp_path / "last.pt"
+    model = Linear()
+    save_checkpoint(path, model=model, step=3)
+    record = json.loads(checksum_path(path).read_text())
+    assert checksum_path(path).name == "last.pt.sha256"
+    assert record["file"] == "last.pt" and record["bytes"] == path.stat().st_size and len(record["sha256"]) == 64
+    assert torch.load(path, weights_only=False)["step"] == 3  # still a plain torch.save file
+    good = path.read_bytes()
+    # A byte flipped inside the tensor data: torch.load would read it without complaint.
+    w_offset = good.index(torch.ones(3).numpy().tobytes())
+    _flip(path, w_offset)
+    assert not torch.equal(torch.load(path, weights_only=False)["model"]["w"], torch.ones(3))
+    with pytest.raises(CheckpointError, match=r"last\.pt: damaged checkpoint: checksum mismatch.*bytes changed"):
+        load_checkpoint(path, model=model, fallback=False)
+    path.write_bytes(good)
+    _truncate(path)
+    with pytest.raises(CheckpointError, match=rf"last\.pt: damaged checkpoint: truncated \({int(len(good) * 0.6):,} "
+                                              rf"of the {len(good):,} bytes"):
+        load_checkpoint(path, model=model, fallback=False)
+    path.write_bytes(good + b"x")
+    with pytest.raises(CheckpointError, match="longer than"):
+        load_checkpoint(path, model=model, fallback=False)
+    path.write_bytes(good)
+    checksum_path(path).write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"last\.pt\.sha256 is damaged"):
+        load_checkpoint(path, model=model, fallback=False)
+    # No checksum file (a checkpoint from before checksums): loaded when torch can read it.
+    checksum_path(path).unlink()
+    assert load_checkpoint(path, model=model, fallback=False)["step"] == 3
+    _truncate(path)
+    with pytest.raises(CheckpointError, match=r"last\.pt: damaged checkpoint: cannot be read \(no checksum file"):
+        load_checkpoint(path, model=model, fallback=False)
+
+
+def test_save_keeps_the_previous_checkpoint(tmp_path):
+    from modules.training import atomic_torch_save, checksum_path, previous_path, save_checkpoint, verify_checkpoint
+
+    path = tmp_path / "last.pt"
+    for step in (1, 2, 3):
+        save_checkpoint(path, model=Linear(), step=step)
+    prev = previous_path(path)
+    assert prev.name == "last.prev.pt" and checksum_path(prev).name == "last.prev.pt.sha256"
+    assert verify_checkpoint(path) and verify_checkpoint(prev)
+    assert torch.load(path, weights_only=False)["step"] == 3 and torch.load(prev, weights_only=False)["step"] == 2
+    # best.pt: a checksum, no predecessor; nothing else is left in the folder (temp files).
+    save_checkpoint(tmp_path / "best.pt", model=Linear(), step=1)
+    atomic_torch_save({"step": 2}, tmp_path / "best.pt")
+    assert verify_checkpoint(tmp_path / "best.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.pt", "best.pt.sha256", "last.prev.pt", "last.prev.pt.sha256", "last.pt", "last.pt.sha256"]
+
+
+@pytest.mark.parametrize("damage", [_flip, _truncate, lambda p: p.unlink()])
+def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, damage):
+    """last.pt damaged (or lost between two renames): the run resumes from last.prev.pt with a
+    warning naming the file and the problem, and ends exactly as an uninterrupted run."""
+    from modules.training import CheckpointFallbackWarning
+
+    full, (res_full, _) = run_loop(tmp_path / "full", _plain_loss)
+    out = tmp_path / "run"
+    run_loop(out, _plain_loss, stop_after_steps=30)  # saves at 10, 20, 30: last.pt step 30, last.prev.pt 20
+    damage(out / "last.pt")
+    problem = {_flip: "checksum mismatch", _truncate: "truncated"}.get(damage, "is missing")
+    with pytest.warns(CheckpointFallbackWarning, match=rf"last\.pt.*{problem}(.|\n)*last\.prev\.pt \(step 20\)"):
+        model, (res, _) = run_loop(out, _plain_loss)
+    assert res.step == 100 and torch.equal(model.w, full.w) and res.best == res_full.best
+    if damage is not _truncate and damage is not _flip:
+        return
+    assert (out / "last.pt.damaged").exists()  # set aside, not rotated over the good last.prev.pt
+    assert torch.equal(torch.load(out / "best.pt", weights_only=False)["model"]["w"],
+                       torch.load(tmp_path / "full" / "best.pt", weights_only=False)["model"]["w"])
+
+
+def test_resume_never_starts_over_from_damaged_checkpoints(tmp_path):
+    from modules.training import CheckpointError
+
+    run_loop(tmp_path, _plain_loss, stop_after_steps=20)
+    _truncate(tmp_path / "last.pt")
+    _flip(tmp_path / "last.prev.pt")
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"both checkpoints are damaged:\n.*last\.pt: damaged checkpoint: "
+                                              r"truncated.*\n.*last\.prev\.pt: damaged checkpoint: checksum mismatch"):
+        run_loop(tmp_path, _plain_loss)
+    assert (tmp_path / "last.pt").read_bytes() == before  # nothing trained, nothing written
+    (tmp_path / "last.prev.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"last\.pt: damaged checkpoint: truncated.*\n.*no previous checkpoint"):
+        run_loop(tmp_path, _plain_loss)
+
+
+def test_damaged_best_checkpoint_is_named(tmp_path):
+    from modules.training import CheckpointError
+
+    run_loop(tmp_path, _plain_loss, stop_after_steps=10)
+    _flip(tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match=r"best\.pt: damaged checkpoint: checksum mismatch"):
+        load_best(Linear(), tmp_path)
+
+
+def _fail_after(limit):
+    """A writer wrapper raising ENOSPC once ``limit`` bytes went through (a full disk)."""
+    import errno
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > limit:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    return Full
+
+
+@pytest.mark.parametrize("where", ["torch.save", "file write", "checksum file"])
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
+    import errno
+    import os
+
+    import modules.training as training
+    from modules.training import CheckpointWriteError, load_checkpoint, verify_checkpoint
+
+    run_loop(tmp_path, _plain_loss, stop_after_steps=20)  # last.pt at step 20, last.prev.pt at 10
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix != ".png"}
+    if where == "torch.save":  # half the checkpoint written, then the disk is full
+        real_save = torch.save
+
+        def save(obj, f):
+            import io
+            buf = io.BytesIO()
+            real_save(obj, buf)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(torch, "save", save)
+    else:  # the real torch.save on a file that fails part way (the checkpoint, or its checksum)
+        real_fdopen = os.fdopen
+
+        def fdopen(fd, mode="r", *a, **k):
+            f = real_fdopen(fd, mode, *a, **k)
+            return _fail_after(500 if where == "file write" else 10)(f) if ("b" in mode) == (where == "file write") \
+                else f
+        monkeypatch.setattr(training.os, "fdopen", fdopen)
+    # (the next save, at step 30, writes best.pt first: the metric still improves)
+    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint .*best\.pt: disk full \(No space "
+                                                   r"left on device\).*best\.pt is unchanged") as info:
+        run_loop(tmp_path, _plain_loss)
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint .*last\.pt: disk full.*last\.pt is "
+                                                   r"unchanged \(the previous checkpoint\)"):
+        training.save_checkpoint(tmp_path / "last.pt", model=Linear(), step=30)  # the rotating save
+    monkeypatch.undo()
+    # Nothing replaced, no temp file left behind; the previous checkpoint loads, checksum and all.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix != ".png"} == files
+    assert verify_checkpoint(tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "last.pt", model=Linear(), fallback=False)["step"] == 20
