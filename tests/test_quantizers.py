@@ -43,34 +43,116 @@ def same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- RQ-VAE
 
 
+def encoder_grads(model, x, dz):
+    """Gradients of the encoder's parameters when dL/dz = dz (z = encoder(x)), by autograd."""
+    return torch.autograd.grad(model.encoder(x), list(model.encoder.parameters()), dz)
+
+
+def explicit_rotation_gradient(z, target, g):
+    """lambda R^T g per row, R the rotation taking z's direction to target's written out as a
+    matrix, lambda = |target| / |z| (Fifty et al. 2024)."""
+    rows = []
+    for s, t, gi in zip(z, target, g):
+        u, v = s / s.norm(), t / t.norm()
+        w = (u + v) / (u + v).norm()
+        rot = torch.eye(len(s), dtype=s.dtype) - 2 * torch.outer(w, w) + 2 * torch.outer(v, u)
+        rows.append(t.norm() / s.norm() * rot.T @ gi)
+    return torch.stack(rows)
+
+
 @pytest.mark.parametrize("mode", ["ste", "rotation", "gumbel"])
-def test_recon_gradient_reaches_encoder(mode):
+def test_recon_gradient_to_encoder_known_answer(mode):
+    """The reconstruction loss's gradient on the encoder equals a naive reference (float64):
+    g = dL/dz_q of the decoder at the sum of the chosen codes, then
+    - ste: dL/dz = g (identity through the quantizer);
+    - rotation: dL/dz = |z_q| / |z| R^T g with R written out as a matrix;
+    - gumbel: z_q = sum_l softmax((-||r_l - C_l||^2 + G_l) / tau) C_l with the residuals
+      r_l = z - (codes chosen above l), written out here and differentiated by autograd, with
+      the same Gumbel noise G_l (the forward's draws replayed from the same seed).
+    The encoder's expected gradient is then J_enc^T dL/dz."""
     torch.manual_seed(0)
-    model = tiny_rqvae(mode).train()
-    out = model(clustered(64), temperature=0.7)
-    # Only the reconstruction loss: the commitment loss alone would reach the encoder anyway.
+    model = tiny_rqvae(mode, dead_code_threshold=0.0).double().train()
+    x = clustered(64).double()
+    model.init_codebooks(x)
+    tau = 0.7
+    torch.manual_seed(1)
+    out = model(x, temperature=tau)
     out.recon_loss.backward()
-    for name, p in model.encoder.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert out.codes.shape == (64, 3) and out.codes.dtype == torch.long
+    got = [p.grad for p in model.encoder.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in got)
+    codebooks, codes, levels = model.codebooks.detach(), out.codes, torch.arange(3)
+    with torch.no_grad():
+        z = model.encoder(x)
+    if mode == "gumbel":
+        torch.manual_seed(1)  # F.gumbel_softmax draws -log(Exponential(1)) noise, one (B, K) per level
+        z_leaf = z.clone().requires_grad_()
+        residual, soft = z_leaf, 0.0
+        for level in range(3):
+            sq = ((residual[:, None, :] - codebooks[level][None]) ** 2).sum(-1)
+            noise = -torch.empty_like(sq).exponential_().log()
+            soft = soft + torch.softmax((-sq + noise) / tau, dim=1) @ codebooks[level]
+            residual = residual - codebooks[level, codes[:, level]]
+        recon = model.decoder(soft)
+        torch.testing.assert_close(recon, out.recon)  # the replayed noise is the forward's
+        (dz,) = torch.autograd.grad(((recon - x) ** 2).sum(1).mean(), z_leaf)
+    else:
+        hard = codebooks[levels, codes].sum(1).requires_grad_()
+        (g,) = torch.autograd.grad(((model.decoder(hard) - x) ** 2).sum(1).mean(), hard)
+        dz = g if mode == "ste" else explicit_rotation_gradient(z, hard.detach(), g)
+    for name, a, b in zip([n for n, _ in model.encoder.named_parameters()], got, encoder_grads(model, x, dz)):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10, msg=name)
 
 
-def test_fsq_gradient_reaches_encoder():
+def test_fsq_recon_gradient_to_encoder_follows_the_chain_rule():
+    """FSQ's gradient on the encoder is J_enc^T J_q^T g: g = dL/dz_q of the decoder at the
+    quantized latent rebuilt from the codes (an independent path: indices -> grid values), J_q
+    the quantizer's own straight-through Jacobian, which must be diagonal (FSQ rounds each
+    latent dimension on its own) with entries in [0, levels] (a slope of at most 1 per residual
+    level: rounding passed through, clamping cuts it), and non-zero somewhere."""
     torch.manual_seed(0)
-    model = FSQTokenizer(FSQConfig(input_dim=32, hidden_dims=[64], fsq_levels=[5, 5, 5], num_levels=2)).train()
-    out = model(clustered(64))
+    model = FSQTokenizer(FSQConfig(input_dim=32, hidden_dims=[64], fsq_levels=[5, 5, 5], num_levels=2)).double().train()
+    x = clustered(64).double()
+    out = model(x)
     out.recon_loss.backward()
-    for name, p in model.encoder.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    got = [p.grad for p in model.encoder.parameters()]
+    with torch.no_grad():
+        z = model.encoder(x)
+    z_q = model.quantizer.get_output_from_indices(out.codes[:, None, :])[:, 0].detach().requires_grad_()
+    torch.testing.assert_close(model.decoder(z_q), out.recon)
+    (g,) = torch.autograd.grad(((model.decoder(z_q) - x) ** 2).sum(1).mean(), z_q)
+    jac = torch.stack([torch.autograd.functional.jacobian(lambda v: model._quantize(v[None])[0][0], row) for row in z])
+    diag = torch.diagonal(jac, dim1=1, dim2=2)
+    torch.testing.assert_close(jac, torch.diag_embed(diag))
+    assert diag.min() >= 0 and diag.max() <= 2 + 1e-9 and diag.abs().sum() > 0
+    dz = torch.einsum("bij,bi->bj", jac, g)
+    for name, a, b in zip([n for n, _ in model.encoder.named_parameters()], got, encoder_grads(model, x, dz)):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10, msg=name)
     assert out.codes.shape == (64, 2) and int(out.codes.max()) < 125
     assert model.codebook_sizes == [125, 125]
 
 
-def test_codebook_learns_from_codebook_loss():
+def test_codebook_gradient_known_answer():
+    """TIGER's codebook term ||sg[r_l] - e_l||^2 (summed per item, averaged over the batch):
+    code k of level l gets 2 / B * sum over its items (e_k - r_il); the commitment term adds
+    nothing to the codebooks; unused codes get 0."""
     torch.manual_seed(0)
-    model = tiny_rqvae().train()
-    model(clustered(64)).quant_loss.backward()
-    assert model.codebooks.grad is not None and model.codebooks.grad.abs().sum() > 0
+    model = tiny_rqvae(dead_code_threshold=0.0).double().train()
+    x = clustered(64).double()
+    model.init_codebooks(x)
+    with torch.no_grad():  # k-means centroids are their items' mean: move them, or the answer is ~0
+        model.codebooks.add_(0.3 * torch.randn_like(model.codebooks))
+    out = model(x)
+    out.quant_loss.backward()
+    codebooks = model.codebooks.detach()
+    with torch.no_grad():
+        residual = model.encoder(x)
+    expected = torch.zeros_like(codebooks)
+    for level in range(3):
+        e = codebooks[level, out.codes[:, level]]
+        expected[level].index_add_(0, out.codes[:, level], 2 * (e - residual) / len(x))
+        residual = residual - e
+    assert (expected.norm(dim=-1) > 1e-3).sum() > 3 * 4  # most codes used: not a vacuous comparison
+    torch.testing.assert_close(model.codebooks.grad, expected, rtol=1e-7, atol=1e-12)
 
 
 def test_rotation_trick_value_and_gradient_against_explicit_matrix():
@@ -244,12 +326,36 @@ def test_config_validation():
         RQVAEConfig(codebook_update="adam")
 
 
-def test_cosine_distance_runs_and_encode_matches_forward():
+def test_cosine_distance_known_answer():
+    """Hand-made 2-d case where cosine and euclidean nearest codes differ at both levels.
+    Level 0, r = (1, 0): c0 = (10, 1) is almost parallel (cos 0.995) but far (dist^2 82),
+    c1 = (0.5, 0.5) is at 45 degrees (cos 0.707) but close (dist^2 0.5).
+    - cosine picks c0; the residual keeps the code's norm: (1, 0) - (10, 1) = (-9, -1); at
+      level 1, d0 = (-1, 0) is parallel (cos 0.994, dist^2 65) and d1 = (-5, -5) is close
+      (cos 0.781, dist^2 32): cosine picks d0 -> codes (0, 0). (Subtracting a unit-norm c0
+      instead would leave (0.005, -0.0995), whose nearest direction is d1.)
+    - euclidean picks c1, residual (0.5, -0.5), then d0 (dist^2 2.5 vs 50.5) -> codes (1, 0).
+    Identity encoder, so the latent is the input; encode and the training forward agree."""
+    x = torch.tensor([[1.0, 0.0]])
+    expected = {"cosine": [[0, 0]], "euclidean": [[1, 0]]}
+    for distance, codes in expected.items():
+        model = RQVAE(RQVAEConfig(input_dim=2, hidden_dims=[], latent_dim=2, num_levels=2, codebook_size=2,
+                                  distance=distance, kmeans_init=False, dead_code_threshold=0.0))
+        with torch.no_grad():
+            model.encoder[0].weight.copy_(torch.eye(2))
+            model.encoder[0].bias.zero_()
+            model.codebooks.copy_(torch.tensor([[[10.0, 1.0], [0.5, 0.5]], [[-1.0, 0.0], [-5.0, -5.0]]]))
+        assert model.eval().encode(x).tolist() == codes, distance
+        model.train()
+        z_q, train_codes, _ = model.quantize(model.encoder(x))
+        assert train_codes.tolist() == codes, distance
+        torch.testing.assert_close(z_q, model.codes_to_latent(torch.tensor(codes)))
+    # and on random data the two distances give different codes
     torch.manual_seed(0)
-    model = tiny_rqvae(distance="cosine").train()
+    cos, euc = tiny_rqvae(distance="cosine"), tiny_rqvae()
+    euc.load_state_dict(cos.state_dict())
     x = clustered(64)
-    out = model(x)
-    assert torch.equal(out.codes, model.encode(x))
+    assert not torch.equal(cos.encode(x), euc.encode(x))
 
 
 # ----------------------------------------------------------------------------- FSQ
