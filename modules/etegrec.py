@@ -8,11 +8,17 @@ Tokenization"): the pieces of train_joint.py, written from the paper's descripti
   latent, summed over levels.
 - :func:`psa_loss` (preference-semantic alignment): symmetric in-batch InfoNCE (cosine,
   temperature) between the preference vector (an MLP of the first decoder state) and the RQ-VAE
-  reconstruction of the target item; rows with the same target are not each other's negatives.
+  reconstruction of the target item, the two directions summed as in the paper's Eq. 16; rows
+  with the same target are not each other's negatives.
 - :class:`PhaseSchedule`: global step -> tokenizer or recommender epoch, alignment on/off, and
   whether the item codes are recomputed before the step.
 - :class:`JointModel`: T5 + RQ-VAE + the two heads + the item-code buffer, its per-phase loss
-  (the frozen side runs without gradient) and the code refresh (:class:`RefreshStats`).
+  (the frozen side runs without gradient) and the code refresh (:class:`RefreshStats`), which
+  keeps a starting tokenizer's LC-Rec rebalancing (:func:`codes_were_rebalanced`).
+
+Departures from the paper are listed in train_joint.py's docstring (among them the tokenizer's
+input: whatever ``load_item_embeddings`` gives, MiniLM text embeddings in the README's Beauty
+runs, where the paper quantizes SASRec collaborative embeddings).
 """
 
 from __future__ import annotations
@@ -61,12 +67,14 @@ def sia_loss(log_p: Tensor, log_q: Tensor) -> Tensor:
 def psa_loss(h: Tensor, r: Tensor, target: Tensor, temperature: float = 0.07) -> Tensor:
     """Symmetric in-batch InfoNCE between rows of h (B, D) and r (B, D): row i's positive is r_i
     (h_i), its negatives the other rows except those with the same ``target`` item (they would be
-    positives pushed apart), by cosine similarity / temperature."""
+    positives pushed apart), by cosine similarity / temperature. The two directions (h -> r and
+    r -> h, each a mean over the batch) are summed, not averaged, as in the paper's Eq. 16 (and
+    its official trainer): psa_weight (lambda) multiplies that sum."""
     logits = F.normalize(h, dim=-1) @ F.normalize(r, dim=-1).T / temperature
     same = target[:, None] == target[None, :]
     logits = logits.masked_fill(same & ~torch.eye(len(target), dtype=torch.bool, device=h.device), float("-inf"))
     labels = torch.arange(len(target), device=h.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -103,22 +111,40 @@ class PhaseSchedule:
 # ----------------------------------------------------------------------------- code refresh
 
 
+@torch.no_grad()
+def codes_were_rebalanced(rqvae: RQVAE, item_codes: Tensor, emb: Tensor) -> bool:
+    """Whether a tokenizer's item codes (N, L or L + 1 with a dedup level) are the LC-Rec
+    rebalancing of its RQ-VAE's nearest codes (train_rqvae.rebalance_last_level,
+    ``RQVAE.rebalance_collisions``) rather than the nearest codes themselves: they differ from
+    ``rqvae.encode(emb)`` in the last RQ-VAE level only, and collide less. Such a tokenizer's
+    refreshes must rebalance too (``JointModel(rebalance=True)``), or the first refresh would
+    undo the balancing and could overflow a dedup level sized from the rebalanced groups."""
+    levels = rqvae.config.num_levels
+    codes = item_codes[:, :levels].to(rqvae.codebooks.device)
+    nearest = rqvae.encode(emb)
+    if torch.equal(codes, nearest) or not torch.equal(codes[:, :-1], nearest[:, :-1]):
+        return False
+    return collision_stats(codes)["collision_rate"] < collision_stats(nearest)["collision_rate"]
+
+
 @dataclass
 class RefreshStats:
     step: int  # the refresh ran before this global step
     changed: int  # items whose RQ-VAE codes (without the dedup level) changed
     changed_id: int  # items whose whole ID changed (a dedup rank can move when a group changes)
     changed_per_level: list[int]  # items whose level-l code changed, per RQ-VAE level
-    collision_rate: float  # before dedup
+    collision_rate: float  # before dedup (after the LC-Rec rebalancing when ``rebalanced``)
     max_group: int
     codebook_usage: list[float]  # per RQ-VAE level
+    rebalanced: bool = False  # the nearest codes were rebalanced (LC-Rec) before the dedup level
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def line(self) -> str:
-        return (f"codes refreshed before step {self.step}: {self.changed} items changed code (per level "
-                f"{self.changed_per_level}; {self.changed_id} IDs), collision {self.collision_rate:.4f} (max group {self.max_group}), usage "
+        return (f"codes refreshed before step {self.step}{' (rebalanced)' if self.rebalanced else ''}: {self.changed} "
+                f"items changed code (per level {self.changed_per_level}; {self.changed_id} IDs), collision "
+                f"{self.collision_rate:.4f} (max group {self.max_group}), usage "
                 f"{[round(u, 3) for u in self.codebook_usage]}")
 
 
@@ -172,9 +198,13 @@ class JointModel(nn.Module):
     recommender's back; gradients flow in eval mode all the same. Its codebooks become
     gradient-trained parameters (``codebook_update = 'loss'``: L_SQ gains the codebook term), as
     EMA updates would need training mode and SIA must reach them.
+
+    ``rebalance``: the starting codes are LC-Rec-rebalanced (:func:`codes_were_rebalanced`), so every
+    refresh rebalances the recomputed nearest codes the same way before adding the dedup level.
     """
 
-    def __init__(self, t5: T5, rqvae: RQVAE, item_codes: Tensor, dedup_capacity: int, head_hidden: int = 256):
+    def __init__(self, t5: T5, rqvae: RQVAE, item_codes: Tensor, dedup_capacity: int, head_hidden: int = 256,
+                 rebalance: bool = False):
         super().__init__()
         c = rqvae.config
         if not isinstance(rqvae, RQVAE) or c.distance != "euclidean":
@@ -189,6 +219,7 @@ class JointModel(nn.Module):
         self.seq_head = mlp([t5.config.d_model, head_hidden, c.latent_dim])
         self.pref_head = mlp([t5.config.d_model, head_hidden, c.input_dim])
         self.dedup_capacity = dedup_capacity
+        self.rebalance = rebalance
         self.register_buffer("item_codes", item_codes.long().clone())
         self.rqvae.eval()
 
@@ -267,22 +298,31 @@ class JointModel(nn.Module):
         return StepOutput(loss, stats)
 
     @torch.no_grad()
+    def current_codes(self, emb: Tensor) -> Tensor:
+        """The current RQ-VAE's codes of every item (N, L): nearest codes, LC-Rec-rebalanced when
+        ``rebalance`` (as the starting tokenizer's were)."""
+        codes = self.rqvae.encode(emb)
+        return self.rqvae.rebalance_collisions(emb, codes) if self.rebalance else codes
+
+    @torch.no_grad()
     def refresh_codes(self, emb: Tensor, step: int) -> RefreshStats:
         """Recompute every item's codes from the current RQ-VAE (``emb``: all item embeddings, row =
-        item_id) with a fresh dedup level, so IDs stay unique; the vocabulary is fixed, so a group
-        larger than the dedup capacity is an error."""
-        codes = self.rqvae.encode(emb)
+        item_id; :meth:`current_codes`, so a rebalanced start stays rebalanced) with a fresh dedup
+        level, so IDs stay unique; the vocabulary is fixed, so a group larger than the dedup
+        capacity is an error."""
+        codes = self.current_codes(emb)
         coll = collision_stats(codes)
         if coll["max_group"] > self.dedup_capacity:
             raise ValueError(f"JointModel.refresh_codes (step {step}): {coll['max_group']} items share one RQ-VAE code "
-                             f"but the dedup level holds {self.dedup_capacity}; raise train_joint.dedup_capacity "
+                             f"{'after rebalancing ' if self.rebalance else ''}but the dedup level holds "
+                             f"{self.dedup_capacity}; raise train_joint.dedup_capacity "
                              "(it sizes the recommender's vocabulary, so start over)")
         new = add_dedup_level(codes, self.dedup_capacity)
         levels = codes.shape[1]
         moved = new != self.item_codes
         stats = RefreshStats(step, int(moved[:, :levels].any(1).sum()), int(moved.any(1).sum()),
                              moved[:, :levels].sum(0).tolist(), coll["collision_rate"], coll["max_group"],
-                             codebook_usage(codes, self.rqvae.codebook_sizes))
+                             codebook_usage(codes, self.rqvae.codebook_sizes), self.rebalance)
         self.item_codes.copy_(new)
         return stats
 
@@ -291,10 +331,11 @@ class JointModel(nn.Module):
 def final_code_stats(model: JointModel, emb: Tensor, start_codes: Tensor) -> dict:
     """The figures of ``model.item_codes`` (e.g. at the selected checkpoint): collisions and usage
     before dedup, items whose ID differs from ``start_codes``, and whether they are the RQ-VAE's
-    current codes (False when the checkpoint's tokenizer trained on after its last refresh)."""
+    current codes (:meth:`JointModel.current_codes`; False when the checkpoint's tokenizer trained on
+    after its last refresh)."""
     codes = model.item_codes[:, :-1]
     coll = collision_stats(codes)
     return {"collision_rate": coll["collision_rate"], "max_group": coll["max_group"],
             "codebook_usage": codebook_usage(codes, model.rqvae.codebook_sizes),
             "changed_from_start": int((model.item_codes.cpu() != start_codes.cpu()).any(1).sum()),
-            "match_tokenizer": bool(torch.equal(model.rqvae.encode(emb), codes))}
+            "match_tokenizer": bool(torch.equal(model.current_codes(emb), codes))}

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.etegrec import JointModel, Phase, PhaseSchedule, code_log_probs, psa_loss, sia_loss
+from modules.etegrec import (
+    JointModel, Phase, PhaseSchedule, code_log_probs, codes_were_rebalanced, final_code_stats, psa_loss, sia_loss,
+)
 from modules.objectives import sliding_window_loss
 from modules.quantizers.rqvae import RQVAE, RQVAEConfig
 from modules.semantic_ids import add_dedup_level, collision_stats
@@ -94,13 +96,29 @@ def test_sia_is_symmetric_kl_zero_only_for_equal_distributions():
     assert sia_loss(p, q).item() > 0 and sia_loss(p, q).item() == pytest.approx(sia_loss(q, p).item())
 
 
-def test_psa_random_pairs_cost_log_batch_aligned_pairs_nothing():
+def test_psa_random_pairs_cost_log_batch_per_direction_aligned_pairs_nothing():
     torch.manual_seed(0)
     b = 16
     target = torch.arange(b)
     h, r = torch.randn(b, 4096), torch.randn(b, 4096)
-    assert psa_loss(h, r, target).item() == pytest.approx(math.log(b), abs=0.1)
+    assert psa_loss(h, r, target).item() == pytest.approx(2 * math.log(b), abs=0.2)  # both directions, summed
     assert psa_loss(r, r, target).item() < 1e-3
+
+
+def test_psa_sums_both_directions_known_answer():
+    """Paper Eq. 16: L_PSA = L(h -> r) + L(r -> h), each an in-batch InfoNCE averaged over the batch.
+    Hand-made batch, temperature 1: h = (e0, e1, e1), r = (e0, e0, e1), cosines 0 or 1."""
+    e = math.e
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    r = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    # logits[i, j] = cos(h_i, r_j): rows (1, 1, 0), (0, 0, 1), (0, 0, 1)
+    h_to_r = (math.log((2 * e + 1) / e) + math.log(2 + e) + math.log((2 + e) / e)) / 3
+    # columns (1, 0, 0), (1, 0, 0), (0, 1, 1), each's label on its diagonal
+    r_to_h = (math.log((e + 2) / e) + math.log(e + 2) + math.log((2 * e + 1) / e)) / 3
+    assert psa_loss(h, r, torch.arange(3), temperature=1.0).item() == pytest.approx(h_to_r + r_to_h, rel=1e-6)
+    # two orthonormal pairs: log(1 + e^-1) per direction
+    eye = torch.eye(2)
+    assert psa_loss(eye, eye, torch.arange(2), 1.0).item() == pytest.approx(2 * math.log(1 + 1 / e), rel=1e-6)
 
 
 def test_psa_duplicates_of_a_target_are_not_negatives():
@@ -229,6 +247,43 @@ def test_codes_change_only_at_refreshes_and_stay_unique():
         opt.step()
     assert refreshed == [3, 9]
     assert not torch.equal(model.item_codes[:, :LEVELS], build()[0].item_codes[:, :LEVELS])  # the codes did move
+
+
+def test_a_rebalanced_start_stays_rebalanced_through_refreshes():
+    """An LC-Rec-rebalanced tokenizer (train_rqvae.rebalance_last_level) keeps its balancing: with a
+    dedup level sized from the rebalanced groups (2 here), nearest codes (max group 4) would not fit."""
+    model, layout, emb = build()
+    rqvae = model.rqvae
+    nearest = rqvae.encode(emb)
+    balanced = rqvae.rebalance_collisions(emb, nearest)
+    capacity = collision_stats(balanced)["max_group"]
+    assert collision_stats(balanced)["collision_rate"] < collision_stats(nearest)["collision_rate"]
+    assert collision_stats(nearest)["max_group"] > capacity == 2
+    start = add_dedup_level(balanced, capacity)
+    assert codes_were_rebalanced(rqvae, start, emb)
+    assert not codes_were_rebalanced(rqvae, add_dedup_level(nearest, 16), emb)
+    assert not codes_were_rebalanced(rqvae, nearest.roll(1, 0), emb)  # other levels differ: not LC-Rec's
+
+    joint = JointModel(model.t5, rqvae, start, capacity, head_hidden=16, rebalance=True)
+    stats = joint.refresh_codes(emb, 10)  # the RQ-VAE has not moved: the refresh gives the start back
+    assert stats.rebalanced and stats.changed == stats.changed_id == 0 and torch.equal(joint.item_codes, start)
+    assert "(rebalanced)" in stats.line()
+    final = final_code_stats(joint, emb, start)
+    assert final["match_tokenizer"] and final["collision_rate"] == collision_stats(balanced)["collision_rate"]
+
+    # After tokenizer steps the refresh rebalances the new nearest codes the same way.
+    opt = make_optimizer(joint, 1e-2, 0.0, module_lrs={rqvae: 3e-2})
+    joint.train()
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        joint.loss(layout, emb, *batch(seed=step), TOK).loss.backward()
+        opt.step()
+    joint.dedup_capacity = 16
+    stats = joint.refresh_codes(emb, 20)
+    moved = rqvae.encode(emb)
+    assert not torch.equal(moved, nearest)  # the tokenizer did move
+    assert torch.equal(joint.item_codes[:, :LEVELS], rqvae.rebalance_collisions(emb, moved))
+    assert stats.collision_rate == collision_stats(joint.item_codes[:, :LEVELS])["collision_rate"]
 
 
 def test_refresh_beyond_the_dedup_capacity_names_the_binding():

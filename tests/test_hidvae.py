@@ -1,6 +1,7 @@
-"""HiD-VAE (modules/quantizers/hidvae.py): losses with known answers, category tags and tag
-purity on hand-made tables, save/load through SemanticIdTokenizer, and a tiny train_rqvae
-run on the fixture dataset."""
+"""HiD-VAE (modules/quantizers/hidvae.py): losses with known answers (the code-prefix InfoNCE and
+the tag classifier on a hand-set model included), category tags and tag purity on hand-made
+tables, save/load through SemanticIdTokenizer, a tiny train_rqvae run on the fixture dataset,
+and tag supervision raising tag purity over a plain RQ-VAE there."""
 
 import math
 
@@ -146,6 +147,63 @@ def test_tag_losses_train_the_encoder_and_roundtrip(tmp_path):
     assert torch.equal(back.quantizer.tag_embeddings(2), model.tag_embeddings(2))
 
 
+def hand_set_model(align_temperature: float = 1.0) -> HiDVAE:
+    """Two levels of two codes in 2 dims, identity encoder, hand-set codebooks, projections and heads.
+
+    Codebooks: level 0 (2, 0) and (0, 2), level 1 (0.5, 0) and (0, 0.5); an input equal to a sum
+    of codes is its own latent and quantizes exactly onto them. Tags: text embeddings (1, 0) and
+    (0, 1) at both levels; level 0's projection is the identity (2 -> 2), level 1's puts the tag
+    embedding on the level-1 half of the prefix (2 -> 4: (0, 0, t)). Classifier heads: level 0
+    reads its prefix (logits = prefix), level 1 reads the level-1 half (logits = last 2 dims).
+    """
+    cfg = HiDVAEConfig(rqvae=RQVAEConfig(input_dim=2, hidden_dims=[], latent_dim=2, num_levels=2, codebook_size=2,
+                                         kmeans_init=False, codebook_update="ema", dead_code_threshold=0.0),
+                       num_tags=[2, 2], tag_dim=2, align_temperature=align_temperature)
+    model = HiDVAE(cfg).eval()
+    eye, zero = torch.eye(2), torch.zeros(2, 2)
+    with torch.no_grad():
+        model.rqvae.encoder[0].weight.copy_(eye)
+        model.rqvae.encoder[0].bias.zero_()
+        model.rqvae.codebooks.copy_(torch.tensor([[[2.0, 0], [0, 2.0]], [[0.5, 0], [0, 0.5]]]))
+        model.tag_proj[0].weight.copy_(eye)
+        model.tag_proj[1].weight.copy_(torch.cat([zero, eye]))
+        model.tag_heads[0].weight.copy_(eye)
+        model.tag_heads[1].weight.copy_(torch.cat([zero, eye], 1))
+        for layer in (*model.tag_proj, *model.tag_heads):
+            layer.bias.zero_()
+    model.set_tag_embeddings([eye, eye])
+    return model
+
+
+def test_code_prefix_info_nce_and_classifier_known_answer():
+    model = hand_set_model(align_temperature=0.5)
+    # Item A = codes (0, 0) = (2.5, 0), tags (0, 0); item B = codes (1, 1) = (0, 2.5), tags (1, 1).
+    x, tags = torch.tensor([[2.5, 0.0], [0.0, 2.5]]), torch.tensor([[0, 0], [1, 1]])
+    out = model(x, tags=tags)
+    assert out.codes.tolist() == [[0, 0], [1, 1]]
+    # Level 0: prefixes (2, 0) / (0, 2) against keys (1, 0) / (0, 1): cosines 1 (own) and 0 (other).
+    # Level 1: prefixes (2, 0, .5, 0) / (0, 2, 0, .5) against keys (0, 0, 1, 0) / (0, 0, 0, 1): own
+    # cosine 0.5 / sqrt(4.25) (the level-0 half is part of the prefix), other 0. Temperature 0.5.
+    own1 = 0.5 / math.sqrt(4.25)
+    align = (math.log(1 + math.exp(-1 / 0.5)) + math.log(1 + math.exp(-own1 / 0.5))) / 2
+    assert out.align_loss.item() == pytest.approx(align, rel=1e-5)
+    # Level 0 logits = prefix: (2, 0) for tag 0, (0, 2) for tag 1; level 1 logits (0.5, 0), (0, 0.5).
+    classify = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-0.5))) / 2
+    assert out.classify_loss.item() == pytest.approx(classify, rel=1e-5)
+    assert out.tag_accuracy.item() == 1.0 and out.unique_loss.item() == 0.0
+    assert torch.equal(model.predict_tags(out.codes), tags)
+    c = model.config
+    assert out.loss.item() == pytest.approx((out.recon_loss + out.quant_loss + c.align_weight * out.align_loss
+                                             + c.classify_weight * out.classify_loss).item(), rel=1e-6)
+    # Swapped tags: every positive is the orthogonal key, and the heads predict the other tag.
+    swapped = model(x, tags=1 - tags)
+    assert swapped.align_loss.item() == pytest.approx(
+        (math.log(1 + math.exp(1 / 0.5)) + math.log(1 + math.exp(own1 / 0.5))) / 2, rel=1e-5)
+    assert swapped.classify_loss.item() == pytest.approx((math.log(1 + math.exp(2)) + math.log(1 + math.exp(0.5))) / 2,
+                                                         rel=1e-5)
+    assert swapped.tag_accuracy.item() == 0.0
+
+
 def test_config_checks_levels():
     with pytest.raises(ValueError, match="num_tags"):
         HiDVAEConfig(rqvae=RQVAEConfig(num_levels=3), num_tags=[2, 2])
@@ -154,6 +212,27 @@ def test_config_checks_levels():
 
 
 # ----------------------------------------------------------------------------- train_rqvae
+
+
+def test_tag_supervision_raises_tag_purity_over_a_plain_rqvae(tmp_path):
+    """The fixture's items fall into 6 categories (one tag per item, repeated down the levels);
+    their title embeddings also carry 4 brands and item numbers. With 6 codes at the first level
+    and 150 steps, the plain RQ-VAE's first-level codes hold its tags at purity 0.50-0.58 (training
+    seeds 1, 2, 3, 42), HiD-VAE's at 0.83-1.0; with align_weight = classify_weight = 0 HiD-VAE is
+    back at 0.50-0.67."""
+    folder = write_p5_dataset(tmp_path / "data")
+    base = dataset_bindings(folder, tmp_path / "cache") + [
+        "CODEBOOK_SIZE = 6", "train_rqvae.max_steps = 150", "train_rqvae.eval_every = 50",
+        "train_rqvae.ckpt_every = 150", "train_rqvae.select_by = 'last'", "train_rqvae.seed = 42"]
+    plain = run_script(train_rqvae.main, "configs/tiny/rqvae_tiny.gin",
+                       base + [f"train_rqvae.out_dir = '{tmp_path / 'rq'}'"])
+    hid = run_script(train_rqvae.main, "configs/tiny/rqvae_tiny.gin", base + [
+        f"train_rqvae.out_dir = '{tmp_path / 'hid'}'", "train_rqvae.quantizer = @HiDVAEConfig()",
+        "HiDVAEConfig.rqvae = @RQVAEConfig()"])
+    assert plain["quantizer"] == "RQVAE" and hid["quantizer"] == "HiDVAE"
+    first_plain, first_hid = plain["tag_purity"][0], hid["tag_purity"][0]
+    assert first_hid >= first_plain + 0.25 and first_hid >= 0.8, (plain["tag_purity"], hid["tag_purity"])
+    assert sum(hid["tag_purity"]) > sum(plain["tag_purity"])
 
 
 def test_tiny_hidvae_run_saves_and_reloads(tmp_path):

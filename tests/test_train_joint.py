@@ -1,5 +1,6 @@
 """train_joint.py (ETEGRec) end to end on a tiny fixture: the result JSON with its refresh figures,
-the saved recommender + tokenizer, and exact resume from the middle of a tokenizer epoch."""
+the saved recommender + tokenizer, exact resume from the middle of a tokenizer epoch, learning
+against an untrained control, and a rebalanced starting tokenizer kept rebalanced."""
 
 import json
 
@@ -43,7 +44,8 @@ def test_joint_end_to_end_and_exact_resume(setup, tmp_path):
     assert [r["step"] for r in full["refreshes"]] == [10, 30]  # the first step after each tokenizer epoch
     for r in full["refreshes"]:
         assert set(r) == {"step", "changed", "changed_id", "changed_per_level", "collision_rate", "max_group",
-                          "codebook_usage"}
+                          "codebook_usage", "rebalanced"}
+        assert r["rebalanced"] is False  # the tiny tokenizer's codes are its nearest codes
         assert 0 <= r["changed"] <= r["changed_id"] and 0 <= r["collision_rate"] <= 1 and len(r["codebook_usage"]) == 3
     # what from_pretrained(out_dir) serves: the fine-tuned T5 with the final tokenizer
     assert full["tokenizer"] == str(tmp_path / "full" / "recommender" / "tokenizer")
@@ -63,6 +65,42 @@ def test_joint_end_to_end_and_exact_resume(setup, tmp_path):
     for stage in ("joint/last.pt", "joint/best.pt", "finetune/best.pt"):
         a, b = weights(tmp_path / "full" / stage), weights(tmp_path / "split" / stage)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+
+
+def test_learns_against_an_untrained_control(setup, tmp_path):
+    """200 joint steps (25-step units: 4 tokenizer units, 3 code refreshes, SIA / PSA from step 50
+    on) and 100 fine-tuning steps find the fixture's category cycles. Measured test NDCG@10 (seeds
+    42, 1, 7): 0.40, 0.38, 0.32; the same runs at learning rate 0 (the untrained control) score
+    0.074, popularity 0.078. Both runs: ~30 s on one core."""
+    learn = ["train_joint.max_steps = 200", "train_joint.epoch_steps = 25", "train_joint.finetune_steps = 100",
+             "train_joint.finetune_eval_every = 50", "train_joint.eval_users = None"]
+    trained = run(setup, tmp_path / "trained", *learn)
+    control = run(setup, tmp_path / "control", *learn[1:], "train_joint.max_steps = 50",
+                  "train_joint.finetune_steps = 10", "train_joint.lr_rec = 0.0", "train_joint.lr_id = 0.0",
+                  "train_joint.finetune_lr = 0.0")
+    model, untrained = trained["test"]["ndcg@10"], control["test"]["ndcg@10"]
+    assert model >= 3 * untrained and model >= untrained + 0.2, (model, untrained)
+    assert model >= 3 * trained["popularity"]["ndcg@10"]
+    assert trained["test"]["recall@10"] >= 2 * control["test"]["recall@10"]
+    # Stage 1 alone (the joint model's best validation) learns too.
+    assert trained["joint"]["best_valid_ndcg@10"] >= 1.5 * control["joint"]["best_valid_ndcg@10"]
+
+
+def test_rebalanced_tokenizer_stays_rebalanced(setup, tmp_path):
+    """A tokenizer with LC-Rec's rebalanced last level (4 codes per level: many collisions) and a
+    dedup level sized from the rebalanced groups. With the RQ-VAE frozen (lr_id 0) the refresh
+    must give back the starting codes: nearest codes would undo the rebalancing."""
+    root, base = setup
+    tok = run_script(train_rqvae.main, "configs/tiny/rqvae_tiny.gin", base + [
+        f"train_rqvae.out_dir = '{tmp_path / 'rb'}'", "CODEBOOK_SIZE = 4", "train_rqvae.rebalance_last_level = True"])
+    assert tok["collision_rate"] < tok["before_rebalance"]["collision_rate"]
+    res = run(setup, tmp_path / "joint", f"train_joint.tokenizer = '{tmp_path / 'rb'}'", "train_joint.max_steps = 20",
+              "train_joint.lr_id = 0.0", "train_joint.finetune_steps = 5")
+    [refresh] = res["refreshes"]
+    assert refresh["step"] == 10 and refresh["rebalanced"] is True
+    assert refresh["changed"] == refresh["changed_id"] == 0
+    assert refresh["collision_rate"] == pytest.approx(tok["collision_rate"])
+    assert res["final_codes"]["match_tokenizer"] is True and res["final_codes"]["changed_from_start"] == 0
 
 
 def test_tokenizer_must_be_an_rqvae_with_a_dedup_level(setup, tmp_path):

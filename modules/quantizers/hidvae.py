@@ -20,6 +20,22 @@ alignment_temperature 0.1, sem_id_uniqueness_margin 0.5); the weights (alignment
 prediction 0.55, uniqueness 1.5) are issue 13's figures for the HiD-VAE config - the
 reference code's constructor defaults are 0.5 / 0.5 / 0.5, and the per-dataset values were
 not found in the indexed copies.
+
+Departures from the authors' reference code (``HRqVae`` and its losses), kept for simplicity:
+- Level weights: the alignment and classification losses are plain means over the levels;
+  the reference weighs level l's alignment loss by 1 / (0.5 l + 1) (1, 2/3, 1/2 for 3 levels)
+  before averaging.
+- Classifier loss: plain cross-entropy; the reference offers focal loss (``use_focal_loss``,
+  gamma growing with depth) and otherwise adds label smoothing (0.05 + 0.06 l, at most 0.25),
+  mixup of the logits and a KL-to-uniform term.
+- Heads: the tag projection (tag text embedding -> prefix space) and the tag classifier are
+  single linear layers; the reference uses MLPs (Linear, BatchNorm, ReLU, Dropout, Linear, then
+  LayerNorm for the projection; a deeper MLP with dropout for the classifier).
+- InfoNCE: keys that carry the same tag as a query's positive are masked out of its negatives
+  (`info_nce` labels); the reference counts them as negatives.
+- Tags: `category_tags` drops a common root and pads a path shorter than the number of levels
+  with its deepest tag (an item without a path gets UNKNOWN_TAG at every level): this code's
+  choice for Amazon category paths, not taken from the reference.
 """
 
 from __future__ import annotations
