@@ -47,6 +47,7 @@ from modules.actionpiece.recommender import (
 from modules.decoder_models import T5ConfigBound
 from modules.evaluation import popularity_ranking, ranking_metrics
 from modules.recommender import export_run, from_training, run_record
+from modules.reporting import machine_record
 from modules.tokens import PAD
 from modules.training import (
     SummedLoss, autocast_dtype, length_chunks, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
@@ -237,6 +238,7 @@ def train_actionpiece(
         "n_inference_ensemble": n_inference_ensemble,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "seconds": round(time.time() - t_start, 1),
+        "machine": machine_record(amp), "curve": loop.curve,  # RESULTS.md (bench/results_table.py)
     }
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()

@@ -38,7 +38,7 @@ from modules.beam_search import PrefixTrie
 from modules.decoder_models import build_model, load_tokenizer
 from modules.evaluation import RestrictedScores, evaluate_exact_topk, evaluate_generative
 from modules.recommender import export_run, from_training, run_record
-from modules.reporting import REPORT_KEYS, test_report  # noqa: F401 - REPORT_KEYS: train_decoder.REPORT_KEYS
+from modules.reporting import REPORT_KEYS, machine_record, test_report  # noqa: F401 - REPORT_KEYS: train_decoder.REPORT_KEYS
 from modules.objectives import all_positions_loss, full_softmax_loss, next_item_block_loss, sliding_window_loss
 from modules.sasrec import save_item_embeddings
 from modules.tokens import TokenLayout
@@ -219,6 +219,7 @@ def train_decoder(
         **({"cold_slots": cold_slots} if cold_slots else {}),
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "seconds": round(time.time() - t_start, 1),
+        "machine": machine_record(amp), "curve": loop.curve,  # RESULTS.md (bench/results_table.py)
     }
     if sasrec:  # the best checkpoint's item table, for train_rqvae.py via load_item_embeddings
         result["item_embeddings"] = str(save_item_embeddings(out, model, {

@@ -66,6 +66,7 @@ from modules.beam_search import PrefixTrie
 from modules.decoder_models import load_recommender, load_tokenizer
 from modules.evaluation import evaluate_generative, popularity_ranking, ranking_metrics
 from modules.grpo import grpo_batch_loss
+from modules.reporting import machine_record
 from modules.training import (
     StepOutput, fingerprint, load_best, make_optimizer, parse_gin_cli, pick_device, print_result, seed_everything,
     train_loop, warmup_cosine,
@@ -202,6 +203,7 @@ def train_grpo(
         "beam_size": beam_size,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "seconds": round(time.time() - t_start, 1),
+        "machine": machine_record(None), "curve": loop.curve,  # fp32 training; RESULTS.md
     }
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()

@@ -73,7 +73,7 @@ from modules.evaluation import evaluate_generative
 from modules.objectives import sliding_window_loss
 from modules.quantizers.rqvae import RQVAE
 from modules.recommender import export_run, from_training, run_record
-from modules.reporting import test_report
+from modules.reporting import machine_record, test_report
 from modules.semantic_ids import SemanticIdTokenizer, collision_stats
 from modules.tokens import TokenLayout
 from modules.training import (
@@ -258,6 +258,8 @@ def train_joint(
         "beam_size": beam_size,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "seconds": round(time.time() - t_start, 1),
+        "machine": machine_record(amp),  # RESULTS.md; the curve: stage 1, then stage 2 after it
+        "curve": loop.curve + [[s + loop.step, t + loop.train_seconds, v] for s, t, v in ft.curve],
     }
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()

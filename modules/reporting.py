@@ -8,6 +8,7 @@ test ranked with each user's history items removed, and the per-user ranks that
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Callable
 
 import numpy as np
@@ -18,6 +19,9 @@ from modules.evaluation import (
 from modules.intervals import RunRanks, bootstrap_interval
 
 REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
+# How many training jobs shared the machine while a run trained (its result's
+# machine.jobs_sharing_machine; bench/leaderboard.sh sets it, e.g. 2 for two runs on two cores).
+JOBS_ENV = "SIDREC_JOBS"
 
 
 def split_fingerprint(dataset) -> str:
@@ -141,3 +145,23 @@ def _interval(ranks) -> dict:
     """The bootstrap interval of each of the REPORT_KEYS."""
     every = bootstrap_interval(ranks)
     return {k: every[k] for k in REPORT_KEYS}
+
+
+def machine_record(amp=None) -> dict:
+    """Where and how a run trained, for its result JSON's ``machine`` (RESULTS.md's columns):
+    the CPU model, its core count, the torch threads, the training precision (``amp``: the
+    autocast dtype of ``modules.training.autocast_dtype``, None = fp32), the clock that
+    ``max_train_minutes`` counted (``training_clock.kind``: 'process' CPU seconds or 'wall') and
+    ``jobs_sharing_machine``, read from ``$SIDREC_JOBS`` (None when unset: not recorded)."""
+    import time
+
+    import torch
+
+    from modules.training import _cpu_name, training_clock
+
+    jobs = os.environ.get(JOBS_ENV, "").strip()
+    clock = training_clock()
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "precision": "bf16" if amp == torch.bfloat16 else "fp32" if amp is None else str(amp).replace("torch.", ""),
+            "clock": {time.time: "wall", time.process_time: "process"}.get(clock, getattr(clock, "__name__", "?")),
+            "jobs_sharing_machine": (int(jobs) if jobs.isdigit() else jobs) or None}

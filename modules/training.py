@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -739,6 +739,9 @@ class LoopResult:
     best: float  # best validation value of the selection metric (-1 if never validated)
     best_step: int
     train_seconds: float  # time in training steps + validation, all runs of this out_dir (training_clock)
+    # [step, seconds, value] of every validation: the training clock's seconds (what
+    # max_train_minutes counts) when it ended and the selection metric (result JSONs' "curve").
+    curve: list = field(default_factory=list)
 
 
 @gin.configurable
@@ -832,7 +835,8 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
     step, best, best_step, bad_evals, train_seconds, run_id, saved_step = 0, -1.0, 0, 0, 0.0, None, None
     # (step, value) pairs of the logged training loss and of the validation metric, kept in
     # last.pt so that a resumed run's plot (out_dir/training_curves.png) shows the whole run.
-    curves: dict[str, list[tuple[int, float]]] = {"loss": [], metric: []}
+    # "clock": [step, training-clock seconds, metric] of each validation (LoopResult.curve).
+    curves: dict[str, list[tuple[int, float]]] = {"loss": [], metric: [], "clock": []}
     ddp, main = distributed.active(), distributed.is_main()
     if ddp:
         distributed.check_batches(num_examples, batch_size)
@@ -849,6 +853,7 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
         best, best_step, bad_evals, train_seconds, run_id = (
             state["extra"][k] for k in ("best", "best_step", "bad_evals", "train_seconds", "wandb_id"))
         curves = state["extra"].get("curves", curves)
+        curves.setdefault("clock", [])  # (a last.pt from before the clock curve)
         if main:
             print(f"[{desc}] resumed from {resumed_from} at step {step} (best {metric} {best:.4f})", file=sys.stderr)
     else:
@@ -972,6 +977,7 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
             model.train()
             logger.log({f"valid/{k}": v for k, v in metrics.items()}, step=step)
             curves[metric].append((step, float(metrics[metric])))
+            curves["clock"].append([step, round(train_seconds + clock() - t_seg, 1), float(metrics[metric])])
             improved = metrics[metric] > best
             if improved:
                 best, best_step, bad_evals = metrics[metric], step, 0
@@ -997,7 +1003,7 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
     if not finished and saved_step != step:  # (saved at this step already: keep last.prev.pt the one before)
         save_last()
     distributed.barrier()  # what rank 0 wrote (best.pt, last.pt) is complete before any rank reads it
-    return LoopResult(step, finished, best, best_step, train_seconds), logger
+    return LoopResult(step, finished, best, best_step, train_seconds, [list(c) for c in curves["clock"]]), logger
 
 
 # ----------------------------------------------------------------------------- fault injection (tests only)
