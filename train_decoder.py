@@ -1,6 +1,8 @@
 """Train a generative recommender (T5 encoder-decoder as in TIGER, a GPT decoder, or RecGPT's
 block-causal decoder, ``architecture = 'recgpt'``) that generates the semantic ID of the next
-item, and evaluate it with trie-constrained beam search; or the ID-based SASRec baseline
+item, and evaluate it with trie-constrained beam search; RPG (``architecture = 'rpg'``), which
+predicts an item's long unordered semantic ID in parallel and ranks all items exactly (or by
+graph-constrained decoding); or the ID-based SASRec baseline
 (``architecture = 'sasrec'``, no tokenizer), which ranks all items exactly and saves its item
 embeddings for ``load_item_embeddings('sasrec:<out_dir>')``.
 
@@ -9,6 +11,7 @@ embeddings for ``load_item_embeddings('sasrec:<out_dir>')``.
     python train_decoder.py configs/decoder_amazon.gin bench/configs/beauty_local.gin \
         bench/configs/cpu_30min_decoder.gin   # 30 minutes of training on a CPU
     python train_decoder.py configs/sasrec_amazon.gin bench/configs/beauty_local.gin   # SASRec
+    python train_decoder.py configs/rpg_amazon.gin bench/configs/beauty_local.gin      # RPG (OPQ tokenizer)
     torchrun --nproc_per_node 8 train_decoder.py ...   # data parallel on 8 GPUs (modules/distributed.py)
 
 Tiny CPU recipe (a minute): python train_rqvae.py configs/tiny/rqvae_tiny.gin &&
@@ -35,10 +38,11 @@ import torch
 from data.prepare import load_dataset
 from modules import distributed
 from modules.beam_search import PrefixTrie
-from modules.decoder_models import build_model, load_tokenizer
+from modules.decoder_models import GraphScoresBound, build_model, load_tokenizer
 from modules.evaluation import RestrictedScores, evaluate_exact_topk, evaluate_generative
 from modules.recommender import export_run, from_training, run_record
 from modules.reporting import REPORT_KEYS, machine_record, test_report  # noqa: F401 - REPORT_KEYS: train_decoder.REPORT_KEYS
+from modules.rpg import rpg_loss
 from modules.objectives import all_positions_loss, full_softmax_loss, next_item_block_loss, sliding_window_loss
 from modules.sasrec import save_item_embeddings
 from modules.tokens import TokenLayout
@@ -50,7 +54,7 @@ from modules.training import (
 @gin.configurable
 def train_decoder(
     tokenizer: str | None = None,  # train_rqvae.py output dir or Hub repo id (t5, gpt, recgpt; sasrec needs none)
-    architecture: str = "t5",  # "t5", "gpt", "recgpt" (semantic IDs) or "sasrec" (item IDs)
+    architecture: str = "t5",  # "t5", "gpt", "recgpt", "rpg" (semantic IDs) or "sasrec" (item IDs)
     # "sliding": one example per target (history = the items before it, up to max_history);
     # "all_positions" (GPT, RecGPT, SASRec): one causal pass per sequence segment predicts all its targets.
     train_mode: str = "sliding",
@@ -68,6 +72,7 @@ def train_decoder(
     eval_users: int | None = None,  # validate on a fixed random N users (None: all); test always uses all
     eval_batch_size: int = 256,
     beam_size: int = 20,
+    decoding: str = "exact",  # rpg: "exact" (score every item) or "graph" (RPG's graph-constrained decoding)
     unconstrained_test: bool = True,  # also test without the item trie (invalid-ID rate): one more test pass
     # Cold-start / zero-shot test (load_dataset.cold_items or holdout_domain), semantic IDs only:
     # TIGER's cold-start share, this many of the top 10 reserved for held-out items (0: none).
@@ -85,14 +90,19 @@ def train_decoder(
     push_to_hub: str | None = None,  # Hub repo id for the recommender (modules/recommender.py)
 ) -> dict:
     t_start = time.time()
-    if architecture not in ("t5", "gpt", "recgpt", "sasrec"):
-        raise ValueError(f"train_decoder.architecture must be 't5', 'gpt', 'recgpt' or 'sasrec', got {architecture!r}")
+    if architecture not in ("t5", "gpt", "recgpt", "rpg", "sasrec"):
+        raise ValueError(f"train_decoder.architecture must be 't5', 'gpt', 'recgpt', 'rpg' or 'sasrec', "
+                         f"got {architecture!r}")
+    if decoding not in ("exact", "graph") or (decoding == "graph" and architecture != "rpg"):
+        raise ValueError(f"train_decoder.decoding must be 'exact', or 'graph' for architecture 'rpg'; got "
+                         f"{decoding!r} for {architecture!r}")
     modes = {"t5": ("sliding",), "gpt": ("sliding", "all_positions"), "recgpt": ("all_positions",),
-             "sasrec": ("all_positions",)}[architecture]
+             "rpg": ("all_positions",), "sasrec": ("all_positions",)}[architecture]
     if train_mode not in modes:
         raise ValueError(f"train_decoder.train_mode must be one of {modes} for architecture {architecture!r} "
                          f"('all_positions' for gpt, recgpt or sasrec only), got {train_mode!r}")
     sasrec = architecture == "sasrec"
+    exact = architecture in ("sasrec", "rpg")  # models that score every item: exact top-K, no beam search
     if not sasrec and not tokenizer:
         raise ValueError(f"train_decoder.tokenizer is required for architecture {architecture!r}: a train_rqvae.py "
                          "output dir or a Hub repo id (only architecture 'sasrec' needs none)")
@@ -110,13 +120,14 @@ def train_decoder(
     tok = layout = item_codes = trie = None
     if not sasrec:
         tok = load_tokenizer(tokenizer, dataset)
-        layout = TokenLayout(tuple(tok.codebook_sizes), num_user_buckets=num_user_buckets)
         item_codes = tok.item_codes.to(dev)
-        trie = PrefixTrie(item_codes, layout.codebook_sizes).to(dev)
         identity["item_codes"] = fingerprint(tok.item_codes, str(tok.codebook_sizes))
+    if not exact:  # beam search over the trie of the items' token sequences
+        layout = TokenLayout(tuple(tok.codebook_sizes), num_user_buckets=num_user_buckets)
+        trie = PrefixTrie(item_codes, layout.codebook_sizes).to(dev)
     train = dataset.train_segments() if all_positions else dataset.train_examples()
     valid, test = dataset.eval_examples("valid"), dataset.eval_examples("test")
-    use_user = num_user_buckets > 0 and not sasrec
+    use_user = num_user_buckets > 0 and not exact
 
     model = build_model(architecture, layout, dataset, tok).to(dev)
     optimizer = make_optimizer(model, lr, weight_decay)
@@ -131,6 +142,8 @@ def train_decoder(
     def batch_loss(idx, amp: torch.dtype | None):
         if sasrec:  # whole segments, a softmax over all items at every position
             total, count = full_softmax_loss(model, torch.as_tensor(train.batch(idx)[1], device=dev), amp, train_chunk)
+        elif architecture == "rpg":  # whole segments, every position predicts the next item's n codes
+            total, count = rpg_loss(model, torch.as_tensor(train.batch(idx)[1], device=dev), amp, train_chunk)
         elif architecture == "recgpt":  # whole segments: each item's block predicts the next item's codes
             items = torch.as_tensor(train.batch(idx)[1], device=dev)
             total, count = next_item_block_loss(model, layout, item_codes, items, amp, train_chunk)
@@ -158,19 +171,21 @@ def train_decoder(
 
     # Under a cold split an item-ID model ranks only the items it trained on (0 on cold targets);
     # semantic-ID models search all items, cold ones included (their IDs come from text).
-    scorer = model if dataset.cold is None else RestrictedScores(model, ~dataset.cold)
+    scorer = model if dataset.cold is None or not sasrec else RestrictedScores(model, ~dataset.cold)
 
     slot_tries = None  # cold_slots: the items trained on and the held-out ones, searched apart
     if cold_slots:
-        if sasrec or dataset.cold is None:
-            raise ValueError(f"train_decoder.cold_slots = {cold_slots} needs semantic IDs (not sasrec) and a cold-start "
+        if exact or dataset.cold is None:
+            raise ValueError(f"train_decoder.cold_slots = {cold_slots} needs beam search (not sasrec/rpg) and a cold-start "
                              "or zero-shot split (load_dataset.cold_items or load_dataset.holdout_domain)")
         slot_tries = tuple(PrefixTrie(item_codes[ids], layout.codebook_sizes, item_ids=ids)
                            for ids in (torch.as_tensor(np.flatnonzero(m), device=dev) for m in (~dataset.cold, dataset.cold)))
 
     def evaluate(examples, unconstrained: bool = False, slots: int = 0):
-        if sasrec:  # exact top-K over all items
-            return evaluate_exact_topk(scorer, examples, batch_size=eval_batch_size, device=dev)
+        if exact:  # exact top-K over all items
+            # RPG's graph decoding: a new graph from the weights being evaluated, each time.
+            ranker = GraphScoresBound(model, seed=seed) if decoding == "graph" else scorer
+            return evaluate_exact_topk(ranker, examples, batch_size=eval_batch_size, device=dev)
         searched, cold_trie = slot_tries if slots else (trie, None)
         return evaluate_generative(model, examples, item_codes, layout, searched, beam_size=beam_size,
                                    unconstrained=unconstrained, batch_size=eval_batch_size, use_user=use_user,
@@ -201,8 +216,8 @@ def train_decoder(
     # ---- test the best-validation checkpoint
     load_best(model, out, identity, "train_decoder")
     # Exact ranking returns items only: nothing invalid to measure (no unconstrained search).
-    report = test_report(dataset, final_evaluate, valid, test, unconstrained=unconstrained_test and not sasrec,
-                         exact=sasrec)
+    report = test_report(dataset, final_evaluate, valid, test, unconstrained=unconstrained_test and not exact,
+                         exact=exact)
     if not distributed.is_main():  # evaluations ran sharded on every rank (above); rank 0 alone reports, exports
         logger.finish()
         distributed.barrier()
@@ -215,7 +230,7 @@ def train_decoder(
         "steps": loop.step,
         "best_step": loop.best_step,
         "train_seconds": round(loop.train_seconds, 1),
-        **({} if sasrec else {"beam_size": beam_size}),
+        **({"decoding": decoding} if architecture == "rpg" else {} if sasrec else {"beam_size": beam_size}),
         **({"cold_slots": cold_slots} if cold_slots else {}),
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "seconds": round(time.time() - t_start, 1),

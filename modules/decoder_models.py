@@ -13,6 +13,8 @@ from pathlib import Path
 import gin
 import torch
 
+from modules.rpg import RPG, RPGConfig
+from modules.rpg_graph import GraphScores
 from modules.sasrec import SASRec, SASRecConfig
 from modules.semantic_ids import SemanticIdTokenizer
 from modules.tokens import TokenLayout
@@ -28,6 +30,8 @@ from modules.transformers.t5 import T5, T5Config
 T5ConfigBound = gin.external_configurable(T5Config)
 GPTConfigBound = gin.external_configurable(GPTConfig)
 SASRecConfigBound = gin.external_configurable(SASRecConfig)
+RPGConfigBound = gin.external_configurable(RPGConfig)
+GraphScoresBound = gin.external_configurable(GraphScores)  # RPG's graph decoding: n_edges, graph_beams, ...
 
 
 def load_tokenizer(name: str, dataset) -> SemanticIdTokenizer:
@@ -52,7 +56,8 @@ def load_tokenizer(name: str, dataset) -> SemanticIdTokenizer:
 
 def build_model(architecture: str, layout: TokenLayout | None, dataset,
                 tokenizer: SemanticIdTokenizer | None = None) -> torch.nn.Module:
-    """``tokenizer``: needed by 'recgpt' only (its item codes and how its codes chunk the text)."""
+    """``tokenizer``: needed by 'recgpt' (its item codes and how its codes chunk the text) and
+    'rpg' (its item codes: every level is one of the item's unordered tokens)."""
     if architecture == "t5":
         return T5(T5ConfigBound(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size))
     if architecture == "gpt":
@@ -64,6 +69,15 @@ def build_model(architecture: str, layout: TokenLayout | None, dataset,
             raise ValueError("build_model: architecture 'recgpt' needs the tokenizer (its item codes)")
         sizes = GPTConfigBound(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size)
         return build_recgpt(sizes, layout, tokenizer, load_item_embeddings(dataset))
+    if architecture == "rpg":
+        if tokenizer is None:
+            raise ValueError("build_model: architecture 'rpg' needs the tokenizer (its item codes)")
+        sizes = set(tokenizer.codebook_sizes)
+        if len(sizes) != 1:
+            raise ValueError(f"build_model: RPG needs codebooks of one size (OPQ: n x 256, configs/opq_amazon.gin), "
+                             f"the tokenizer has {tokenizer.codebook_sizes}")
+        return RPG(RPGConfigBound(num_items=dataset.num_items, num_codebooks=len(tokenizer.codebook_sizes),
+                                  codebook_size=sizes.pop(), max_len=dataset.max_history), tokenizer.item_codes)
     # Positions = the evaluation histories' length (training segments feed at most as many).
     return SASRec(SASRecConfigBound(num_items=dataset.num_items, max_len=dataset.max_history))
 
