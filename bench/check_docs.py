@@ -1,41 +1,48 @@
 """Run every command of the docs as written, in document order, in a fresh working copy.
 
     python bench/check_docs.py                    # every command of README.md and docs/*.md
-    python bench/check_docs.py --list             # only print the extracted commands
+    python bench/check_docs.py --list             # only print the extracted commands and their plan
     python bench/check_docs.py --match configs/tiny/ --match recommend.py   # only these
     python bench/check_docs.py --source working   # the working tree (uncommitted edits) instead of HEAD
 
 What counts as a command: the lines of fenced (no language, ``bash``/``sh``/``shell``/``console``)
 and indented code blocks whose program is ``python``, ``python3``, ``torchrun``, ``bash``, ``sh``
-or ``pip`` (``\\`` continuations joined, trailing ``# comments`` dropped), a ``python`` code block
-(run as a script), inline code spans of the prose and of tables that start with such a program
-(a span may wrap a line), and prose lines that start with one.
+or ``pip`` with arguments (``\\`` continuations joined, trailing ``# comments`` dropped, ``&&``
+chains run part by part), a ``python`` code block (run as a script), inline code spans of prose and
+tables that start with such a program (a span may wrap a line), and prose lines that start with one.
 
 Where: ``git clone`` of HEAD (or, with ``--source working``, a copy of the tracked and untracked
 non-ignored files) into a temporary folder, with ``../shared`` beside it linked to this checkout's
 ``../shared`` (the ``bench/configs/*_local.gin`` data paths are relative to the repository). Every
-command runs there with that folder as its working directory, so every ``runs/...``,
-``exported/...`` or ``wandb/`` path a command names lands in the temporary copy, and one command's
-output is the next one's input exactly as a user following the README would have it. Caches
-(processed datasets, MiniLM item embeddings, the precision choice) stay in ``$SIDREC_CACHE`` (default
-``~/.cache/sidrec``): computing the MiniLM embeddings of Beauty's 12,101 items takes a few CPU
+command runs there, with that folder as its working directory and ``TMPDIR`` inside the temporary
+folder, so every ``runs/...`` or ``exported/...`` path a command names lands in the copy without
+rewriting any path, and one command's output is the next one's input as a user following the
+README would have it. Caches (processed datasets, MiniLM item embeddings) stay in ``$SIDREC_CACHE``
+(default ``~/.cache/sidrec``): the MiniLM embeddings of Beauty's 12,101 items take a few CPU
 minutes the first time. ``OMP_NUM_THREADS`` is 1 unless set.
 
-Tiny overrides (``TINY``, ``BENCH_ARGS``, ``DATA_REWRITES``), appended to each command, never
-replacing anything it says: ``--gin`` bindings after the command's own (gin applies the last
-binding of a name) that cut training to a handful of steps, validate on a few users, shrink the
-models, switch W&B off and skip the fp32/bf16 timing (``precision='fp32'``); the same bindings for
-every command of a script, so a later command resumes or reads an earlier one's folder as in the
-full-size run (a checkpoint resumes only under the same bindings). Benchmarks get their own small
-sizes as flags after theirs (argparse keeps the last). Commands whose data would be downloaded read
-the same files from ``../shared/data`` where a copy is there (``load_dataset.path``); the
-downloads themselves are not exercised. Test passes still rank every test user, so the Beauty
-commands take ~1-3 minutes each on one busy core.
+Tiny overrides (``TINY``, ``CONFIG_TINY``, ``BENCH_ARGS``, ``DATA_REWRITES``), appended to each
+command, never replacing anything it says: ``--gin`` bindings after the command's own (gin applies
+the last binding of a name) that cut training to a handful of steps, validate on a few users,
+shrink the models, switch W&B off and skip the fp32/bf16 timing (``precision='fp32'``); the same
+bindings for every command of a script, so a later command resumes or reads an earlier one's folder
+as in the full-size run. Benchmarks get small sizes as flags after theirs (argparse keeps the
+last). Recipes whose data would be downloaded read the same files from ``../shared/data`` where a
+copy is there (``load_dataset.path``). ``--also-gin`` appends more bindings (the test points the
+data at a fixture with it). Test passes still rank every test user: the Beauty commands take a
+minute or more each on one busy core.
 
-Skipped, with the reason printed: package installs, downloads with no local copy, GPU-only
-commands, more processes than ``--max-procs``, and commands with placeholders (``DIR``,
-``user/repo``). Each command is reported ok / failed (with the tail of its output) / skipped; the
-last stdout line is one JSON object; the exit status is 1 when any command failed.
+Static checks, before anything runs (``folder_problems``), reported as failures: every train
+command names its ``out_dir`` (``--gin "train_x.out_dir='runs/...'"``), and no two commands train
+into one folder with settings other than those a resume may change (``RESUME_MAY_CHANGE``): run as
+written, the later one would stop with ``ResumeMismatchError``, while under the overrides, which
+make both runs the same tiny run, it would pass.
+
+Skipped, with the reason printed: the test suite, package installs, downloads with no local copy,
+GPU-only commands, more processes than ``--max-procs``, and commands with placeholders (``DIR``,
+``user/repo``). Each command is reported ok / failed (with the tail of its output; the full log
+under ``<workdir>/logs``) / skipped; the last stdout line is one JSON object; the exit status is 1
+when any command failed.
 """
 
 from __future__ import annotations
@@ -254,6 +261,14 @@ for _script in ("train_decoder.py", "train_joint.py", "train_grpo.py", "train_ac
     TINY[_script] = TINY[_script] + [b for b in MODEL_TINY
                                      if _script != "train_actionpiece.py" or b.startswith("T5Config")]
 
+# Per gin file a command names: bindings added for it (after TINY's).
+CONFIG_TINY: dict[str, list[str]] = {
+    # A fresh chunked-FSQ projection puts nearly every item on one code for its first ~1,000 steps
+    # (README: collision 0.97 at step 500; 7,308 Beauty items on one prefix at 200 steps), more
+    # than the 256-code dedup level holds: the tiny run sizes that level to the largest group.
+    "configs/recgpt_fsq_amazon.gin": ["train_rqvae.dedup_size = None"],
+}
+
 # Benchmarks: their own flags for a small size, after the command's.
 BENCH_ARGS: dict[str, list[str]] = {
     "bench/bench_decoder.py": ["--train-steps", "2", "--warmup", "1", "--beam-calls", "1", "--users", "16",
@@ -456,7 +471,7 @@ def plan_step(part: str, root: Path, max_procs: int, also_gin: tuple[str, ...] =
         if any("ml32m" in c for c in configs) and not any("_local.gin" in c for c in configs):
             step.skip = "downloads MovieLens 32M (239 MB; needs the network)"
             return step
-        bindings = list(TINY[script])
+        bindings = list(TINY[script]) + [b for c in configs for b in CONFIG_TINY.get(c, [])]
         own_data = any(b.replace(" ", "").startswith("load_dataset.path=") for b in also_gin)
         for marker, binding, path in DATA_REWRITES:
             if any(marker in c for c in configs) and not own_data:
@@ -602,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(exist_ok=True)
     print(f"[check_docs] working copy {work} ({a.source}); logs in {log_dir}", file=sys.stderr)
     env = _python_first(run_env())
+    env["TMPDIR"] = str(tmp / "tmp")  # what the commands put in temp folders goes with the copy
+    (tmp / "tmp").mkdir(exist_ok=True)
     results = []
     cmds = all_commands(work)
     problems = folder_problems(cmds, work)
