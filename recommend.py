@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     histories, users = ([args.history], None) if args.history else read_users(args.users)
-    rec = GenerativeRecommender.from_pretrained(args.model, device=args.device)
+    try:  # e.g. no such folder, or a train run whose export belongs to an earlier run (StaleExportError)
+        rec = GenerativeRecommender.from_pretrained(args.model, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         results = rec.recommend(histories, k=args.k, exclude_seen=args.exclude_seen, users=users,
                                 on_unknown="skip" if args.skip_unknown else "raise", beam_size=args.beam_size)

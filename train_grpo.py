@@ -14,7 +14,9 @@ steps, best/last checkpoints, early stopping, exact resume), where each step tak
 training windows (history -> target), draws a group of G candidate items per user from the
 current policy (trie-constrained sampling or constrained beam search: every candidate is a
 real item), scores them (rule / rank-aware / semantic rewards, summed) and minimises the GRPO
-loss (modules/grpo.py) -> test of the best-validation checkpoint. The last stdout line is one
+loss (modules/grpo.py) -> test of the best-validation checkpoint, the SFT model counting as
+step 0 (best.pt is the SFT model itself when no GRPO validation beats its figure on the same
+validation users, so the output never validates below the input). The last stdout line is one
 JSON object (train_decoder.py's keys, plus ``sft_valid`` / ``sft_test`` and the means over the
 training steps of the reward, the in-group hit rate (fraction of candidates that are the
 target), the fraction of groups holding it, KL, clip fraction and entropy).
@@ -68,8 +70,8 @@ from modules.evaluation import evaluate_generative, popularity_ranking, ranking_
 from modules.grpo import grpo_batch_loss
 from modules.reporting import machine_record
 from modules.training import (
-    StepOutput, fingerprint, load_best, make_optimizer, parse_gin_cli, pick_device, print_result, seed_everything,
-    train_loop, warmup_cosine,
+    StepOutput, atomic_torch_save, fingerprint, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
+    resolved_config, seed_everything, train_loop, warmup_cosine,
 )
 
 REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
@@ -148,7 +150,11 @@ def train_grpo(
         return evaluate_generative(model, examples, item_codes, layout, trie, beam_size=beam_size,
                                    batch_size=eval_batch_size, use_user=use_user, device=dev)
 
-    sft = sft_metrics(out / "sft_metrics.json", identity["sft_weights"], lambda: (evaluate(valid), evaluate(test)))
+    valid_sample = valid.sample(eval_users, seed)  # what every GRPO validation scores
+    sft = sft_metrics(out / "sft_metrics.json", {"sft_weights": identity["sft_weights"], "eval_users": eval_users,
+                                                 "seed": seed},
+                      lambda: (evaluate(valid), evaluate(test),
+                               None if valid_sample is valid else evaluate(valid_sample)))
     history: list[dict] = []  # per-step statistics of this process's steps
 
     def loss_fn(idx):
@@ -161,13 +167,17 @@ def train_grpo(
         history.append({k: getattr(stats, k) for k in STAT_KEYS})
         return StepOutput(stats.loss, history[-1])  # logged per window as train/reward, train/kl, ...
 
+    # The SFT model is the run's step 0: a GRPO checkpoint becomes best.pt only when it validates
+    # above it, so the output is never worse on validation than the input.
+    best_payload = {"layout": layout.to_dict(), "architecture": architecture}
     loop, logger = train_loop(
         model=model, optimizer=optimizer, scheduler=scheduler, num_examples=len(train), batch_size=batch_size,
-        loss_fn=loss_fn, validate=lambda: evaluate(valid.sample(eval_users, seed)), out_dir=out,
+        loss_fn=loss_fn, validate=lambda: evaluate(valid_sample), out_dir=out,
         max_steps=max_steps, eval_every=eval_every, seed=seed, grad_clip=grad_clip, patience=patience,
         max_train_minutes=max_train_minutes, stop_after_steps=stop_after_steps, log_every=log_every,
         resume=resume, wandb_mode=wandb_mode, wandb_project=wandb_project, run_name=run_name, identity=identity,
-        script="train_grpo", desc="grpo", best_payload={"layout": layout.to_dict(), "architecture": architecture})
+        script="train_grpo", desc="grpo", best_payload=best_payload,
+        initial_best=(sft["valid_sample"]["ndcg@10"], 0))
     train_stats = {f"train_{k}": v for k, v in mean_stats(history).items()}
     if history:  # the in-group hit rate of the first and the last log window of this process
         train_stats["hit_rate_first"] = mean_stats(history[:log_every])["hit_rate"]
@@ -179,7 +189,14 @@ def train_grpo(
         print_result(result)
         return result
 
-    # ---- test the best-validation checkpoint
+    # ---- test the best-validation checkpoint (the SFT model itself when no GRPO step beat it)
+    if loop.best_step == 0:
+        if distributed.is_main():
+            atomic_torch_save({"model": sft_state["model"], "step": 0, "valid": sft["valid_sample"],
+                               "config": resolved_config(), "identity": identity, **best_payload}, out / "best.pt")
+            print(f"[grpo] no validation beat the SFT model's ndcg@10 {sft['valid_sample']['ndcg@10']:.4f}: "
+                  f"{out / 'best.pt'} is the SFT model", file=sys.stderr)
+        distributed.barrier()
     load_best(model, out, identity, "train_grpo")
     valid_metrics, test_metrics = evaluate(valid), evaluate(test)
     popular = popularity_ranking(dataset.train_item_counts(), len(test), 10)
@@ -223,17 +240,19 @@ def mean_stats(rows: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in STAT_KEYS} if rows else {}
 
 
-def sft_metrics(path: Path, weights: str, compute) -> dict:
-    """The SFT model's valid/test metrics, computed once per starting point and kept in ``path``:
-    a resumed run does not pay for a second full test (minutes on Beauty)."""
+def sft_metrics(path: Path, key: dict, compute) -> dict:
+    """The SFT model's metrics on the validation set (``valid``), the test set (``test``) and the
+    validation sample the GRPO run validates on (``valid_sample``; ``compute`` gives None when
+    that is the whole set), computed once per ``key`` (the SFT weights and the sample) and kept
+    in ``path``: a resumed run does not pay for a second full test (minutes on Beauty)."""
     try:
         stored = json.loads(path.read_text())
-        if stored.get("sft_weights") == weights:
+        if all(stored.get(k) == v for k, v in key.items()) and "valid_sample" in stored:
             return stored
     except (OSError, ValueError):
         pass
-    valid, test = compute()  # under torchrun: sharded over every rank, rank 0 writes
-    record = {"sft_weights": weights, "valid": valid, "test": test}
+    valid, test, valid_sample = compute()  # under torchrun: sharded over every rank, rank 0 writes
+    record = {**key, "valid": valid, "test": test, "valid_sample": valid if valid_sample is None else valid_sample}
     if distributed.is_main():
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")

@@ -97,7 +97,8 @@ def grpo_batch_loss(policy, reference, layout: TokenLayout, item_codes: torch.Te
     with torch.no_grad():
         ref_log_probs = target_log_probs(reference, *rows)
     log_probs, ref_log_probs = log_probs.view(n, g, -1), ref_log_probs.view(n, g, -1)
-    # The rank-aware reward ranks samples by the policy's probability; beams come ranked.
+    # The rank-aware reward ranks samples by the policy's probability (repeated samples of one item
+    # share its rank and penalty: modules/rewards.py); beams come ranked.
     seq = log_probs.detach().sum(-1)
     rank = seq.argsort(dim=1, descending=True, stable=True).argsort(dim=1) if mode == "sample" else None
     reward = group_rewards(rewards, cands.items, target, rank, item_embeddings, alpha)

@@ -14,13 +14,23 @@ the last from huggingface_hub's ``ModelHubMixin``)::
 ``from_pretrained`` also takes a train run's ``out_dir``: its ``recommender/`` folder (written at
 the end of train_decoder.py / train_actionpiece.py) when it belongs to the run's ``best.pt``,
 else a recommender rebuilt from ``best.pt``, the gin config saved in it, the run's tokenizer and
-the dataset (``data.prepare.load_dataset`` under that config).
+the dataset (``data.prepare.load_dataset`` under that config). A run whose out_dir holds one
+folder per stage (train_joint.py: ``joint/``, ``finetune/``; :data:`STAGED_RUNS`) is served
+from its ``recommender/`` export only while that export belongs to the stages' current
+``best.pt`` files, and a stage folder (``<out_dir>/finetune``) serves the same export; anything
+else (a later run that has not finished, a stage copied elsewhere) raises
+:class:`StaleExportError` saying why and what to load instead.
 
 Recommendations are computed as the evaluation computes them (modules/evaluation.py,
 modules/actionpiece/recommender.py), so ``recommend`` on a test user's history returns the
 evaluator's ranking: trie-constrained beam search (score: the beam's log-probability), SPR
 ensembles fused by ``fuse_beams`` (score: the fusion score; feature tuples that are no item are
 dropped, i.e. the lenient ranking), or SASRec's exact top-k (score: the model's logit).
+Under a cold-start / zero-shot split (``load_dataset.cold_items`` / ``holdout_domain``) the
+export records the held-out items (``cold_items``) and, for semantic IDs, ``cold_slots``: SASRec
+ranks only the items it trained on (``modules.evaluation.RestrictedScores``), and with
+``cold_slots`` = m a second constrained search over the held-out items fills m of the top 10
+(``modules.beam_search.merge_reserved``), as train_decoder.py's test does.
 """
 
 from __future__ import annotations
@@ -48,6 +58,18 @@ RUN_EXPORT = "recommender"  # the folder train scripts write into their out_dir
 ARCHITECTURES = ("t5", "gpt", "recgpt", "sasrec", "actionpiece")
 SEMANTIC_ID = ("t5", "gpt", "recgpt")  # beam search over a SemanticIdTokenizer's item trie
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SLOT_TOP_K = 10  # the evaluation's top_k: cold_slots reserve m of these (modules/evaluation.py)
+# Train scripts whose out_dir holds one folder per stage, each with its own best.pt, and the
+# export (out_dir/recommender) made from the last stage's best.pt: script -> stage folders in
+# order. A later stage's best.pt names the weights it started from in its identity, as
+# f"{previous stage}_weights" (train_joint.py's ``joint_weights``).
+STAGED_RUNS = {"train_joint": ("joint", "finetune")}
+
+
+class StaleExportError(ValueError):
+    """A staged run's ``recommender/`` export is missing or does not belong to the run's current
+    checkpoints (a later run in the same out_dir has not finished), or a stage folder was given
+    whose run has no such export: nothing can be served without guessing."""
 
 
 class UnknownItemError(ValueError):
@@ -126,6 +148,19 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
             raise ValueError("GenerativeRecommender: the item table repeats a raw item id")
         self.max_history = int(config["max_history"])
         self.layout = self.trie = self.item_codes = self.ap_layout = self.decoder = None
+        self.cold = self.slot_tries = None  # held-out items of a cold split; cold_slots' tries
+        if config.get("cold_items") is not None:
+            cold_ids = np.asarray(config["cold_items"], dtype=np.int64)
+            if cold_ids.size and (cold_ids.min() < 0 or cold_ids.max() >= len(self.raw_ids)):
+                raise ValueError(f"GenerativeRecommender: config field 'cold_items' holds ids outside the "
+                                 f"{len(self.raw_ids)} items")
+            self.cold = np.zeros(len(self.raw_ids), dtype=bool)
+            self.cold[cold_ids] = True
+        self.cold_slots = int(config.get("cold_slots") or 0)
+        if self.cold_slots and (arch not in SEMANTIC_ID or self.cold is None or not self.cold.any()
+                                or not 0 < self.cold_slots <= SLOT_TOP_K):
+            raise ValueError(f"GenerativeRecommender: cold_slots = {self.cold_slots} needs a semantic-ID model, "
+                             f"held-out items (cold_items) and 0 < cold_slots <= {SLOT_TOP_K}")
         if arch in SEMANTIC_ID:
             from modules.beam_search import PrefixTrie
             from modules.tokens import TokenLayout
@@ -135,6 +170,10 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
                 raise ValueError(f"GenerativeRecommender: tokenizer has codes for {self.item_codes.shape[0]} items, "
                                  f"the item table has {len(self.raw_ids)}")
             self.trie = PrefixTrie(self.item_codes, self.layout.codebook_sizes)
+            if self.cold_slots:  # the items trained on and the held-out ones, searched apart (train_decoder.py)
+                self.slot_tries = tuple(
+                    PrefixTrie(self.item_codes[ids], self.layout.codebook_sizes, item_ids=ids)
+                    for ids in (torch.as_tensor(np.flatnonzero(m)) for m in (~self.cold, self.cold)))
         elif arch == "actionpiece":
             from modules.actionpiece.recommender import ActionPieceLayout, ItemDecoder
             self.ap_layout = ActionPieceLayout.build(tokenizer, config["output_vocab"])
@@ -157,6 +196,8 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
         if self.trie is not None:
             self.trie = self.trie.to(self.device)
             self.item_codes = self.item_codes.to(self.device)
+        if self.slot_tries is not None:
+            self.slot_tries = tuple(t.to(self.device) for t in self.slot_tries)
         return self
 
     # ------------------------------------------------------------------ recommend
@@ -209,6 +250,11 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
         Histories longer than the model's ``max_history`` keep their last items. Fewer than ``k``
         items come back only when the model cannot produce ``k`` distinct items (a tiny catalogue,
         or ActionPiece beams that decode to too few items).
+
+        Under a cold split, as the evaluation ranks: SASRec returns only items it trained on;
+        with ``cold_slots`` = m (semantic IDs) the ranking is the evaluation's top 10 with m
+        slots reserved for held-out items (``k`` < 10: its first ``k``; ``k`` > 10: m of the
+        top ``k``), each item with its own search's score.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -222,9 +268,13 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
             raise ValueError(f"users has {len(users)} entries for {len(ids)} histories")
         self.model.eval()
         if self.architecture == "sasrec":
-            ranked, scores = self._sasrec(history, min(k + extra, self.num_items), batch_size)
+            allowed = self.num_items if self.cold is None else int((~self.cold).sum())
+            ranked, scores = self._sasrec(history, min(k + extra, allowed), batch_size)
         elif self.architecture == "actionpiece":
             ranked, scores = self._actionpiece(history, k + extra, beam_size, batch_size)
+        elif self.cold_slots:
+            ranked, scores = self._beam_reserved(history, users, max(k, SLOT_TOP_K), seen, extra,
+                                                 beam_size or self.config["beam_size"], batch_size)
         else:
             ranked, scores = self._beam(history, users, max(k + extra, beam_size or self.config["beam_size"]),
                                         batch_size)
@@ -254,10 +304,43 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
             scores += res.scores.cpu().tolist()
         return ranked, scores
 
-    def _sasrec(self, history, width, batch_size):
+    def _beam_reserved(self, history, users, width, seen, extra, beam_size, batch_size):
+        """cold_slots: as ``evaluate_generative(cold_slots=m)``: one constrained search over the
+        items trained on and one over the held-out items, the users' seen items dropped from
+        both (``exclude_seen``), then ``merge_reserved`` to ``width`` items of which m are reserved."""
+        from modules.beam_search import BeamSearchOutput, beam_search, merge_reserved
+
+        warm_trie, cold_trie = self.slot_tries
+        slots = self.cold_slots
+        use_user = self.layout.num_user_buckets > 0
+        user_ids = np.zeros(len(history), dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64)
         ranked, scores = [], []
         for sl in self._batches(len(history), batch_size or self.config.get("batch_size", 256)):
-            s = self.model.scores(torch.as_tensor(history[sl], device=self.device)).float()
+            user = torch.as_tensor(user_ids[sl], device=self.device) if use_user else None
+            input_ids, mask = self.layout.encode_history(torch.as_tensor(history[sl], device=self.device),
+                                                         self.item_codes, user)
+            main = beam_search(self.model, input_ids, mask, warm_trie, self.layout,
+                               beam_size=max(width + extra, beam_size), top_k=width + extra)
+            cold = beam_search(self.model, input_ids, mask, cold_trie, self.layout,
+                               beam_size=max(slots + extra, beam_size), top_k=slots + extra)
+            main, cold = (_drop_seen(out, seen[sl], w) for out, w in ((main, width), (cold, slots)))
+            items = merge_reserved(BeamSearchOutput(*main, None, None), BeamSearchOutput(*cold, None, None),
+                                   width, slots)
+            for row, its in enumerate(items.cpu().tolist()):
+                score_of = {i: s for part in (main, cold) for i, s in zip(part[0][row].tolist(), part[1][row].tolist())
+                            if i >= 0}
+                ranked.append([i for i in its if i >= 0])
+                scores.append([score_of[i] for i in its if i >= 0])
+        return ranked, scores
+
+    def _sasrec(self, history, width, batch_size):
+        from modules.evaluation import RestrictedScores
+
+        # Under a cold split the evaluation ranks only the items the model trained on.
+        scorer = self.model if self.cold is None else RestrictedScores(self.model, ~self.cold)
+        ranked, scores = [], []
+        for sl in self._batches(len(history), batch_size or self.config.get("batch_size", 256)):
+            s = scorer.scores(torch.as_tensor(history[sl], device=self.device)).float()
             top = s.topk(width, dim=1)
             ranked += top.indices.cpu().tolist()
             scores += top.values.cpu().tolist()
@@ -330,6 +413,10 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
                  "each user's last item, validation = the one before, training = the rest), full ranking",
                  f"- tokenizer: {tok}",
                  f"- histories: the last {self.max_history} items"]
+        if self.cold is not None:
+            how = (f"{self.cold_slots} of the top {SLOT_TOP_K} reserved for them" if self.cold_slots else
+                   "ranks only the items it trained on" if self.architecture == "sasrec" else "no reserved slots")
+            lines.append(f"- cold split: {int(self.cold.sum()):,} items held out of training ({how})")
         if run.get("best_step") is not None:
             lines.append(f"- best-validation checkpoint: step {run['best_step']} of {run.get('steps', '?')}")
         metrics = [(split, run[split]) for split in ("test", "valid", "popularity") if isinstance(run.get(split), dict)]
@@ -363,8 +450,8 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
                 rec = cls._load_folder(path)
             elif (path / "best.pt").is_file():
                 rec = cls.from_run(path)
-            elif (path / RUN_EXPORT / CONFIG_FILE).is_file():  # a run whose best.pt is a stage's (train_joint.py)
-                rec = cls._load_folder(path / RUN_EXPORT)
+            elif _staged_script(path) is not None:  # a run whose best.pt files are its stages' (train_joint.py)
+                rec = cls.from_staged_run(path)
             else:
                 raise FileNotFoundError(f"{path}: neither a saved recommender ({CONFIG_FILE} + {WEIGHTS_FILE}) nor "
                                         "a train run directory (best.pt)")
@@ -425,6 +512,9 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
         if not best_path.is_file():
             raise FileNotFoundError(f"{best_path} not found: not a finished train run directory")
         state = torch.load(best_path, map_location="cpu", weights_only=False, mmap=True)
+        stage_of = _stage_of(run_dir, state)
+        if stage_of is not None:
+            return cls._from_stage(run_dir, *stage_of)
         export = run_dir / RUN_EXPORT
         if (export / CONFIG_FILE).is_file():
             made_from = json.loads((export / CONFIG_FILE).read_text()).get("checkpoint")
@@ -433,6 +523,47 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
             print(f"[recommender] {export} was not made from the current {best_path}: rebuilding from it",
                   file=sys.stderr)
         return cls._rebuild(run_dir, state)
+
+    @classmethod
+    def from_staged_run(cls, run_dir: str | Path) -> "GenerativeRecommender":
+        """The recommender of a run with one folder per stage (:data:`STAGED_RUNS`, e.g. a
+        train_joint.py out_dir): its ``recommender/`` export, only when made from the last
+        stage's current ``best.pt`` and that stage from the earlier stages' current ones; else
+        :class:`StaleExportError` (such a run's recommender cannot be rebuilt from one stage: its
+        tokenizer is the run's final one, which only the finished run exports)."""
+        run_dir = Path(run_dir)
+        script = _staged_script(run_dir)
+        if script is None:
+            raise FileNotFoundError(f"{run_dir}: no stage folder of a staged train run "
+                                    f"({', '.join(f'{k}.py: {v}' for k, v in STAGED_RUNS.items())})")
+        problem = _staged_export_problem(run_dir, STAGED_RUNS[script])
+        if problem is not None:
+            export = run_dir / RUN_EXPORT
+            old = (f"; the earlier export can still be loaded as it is: from_pretrained('{export}')"
+                   if (export / CONFIG_FILE).is_file() else "")
+            raise StaleExportError(f"{run_dir} ({script}.py run): {problem}. Finish the run (run its command again "
+                                   f"with out_dir = '{run_dir}') to export its recommender{old}")
+        return cls._load_folder(run_dir / RUN_EXPORT)
+
+    @classmethod
+    def _from_stage(cls, stage_dir: Path, script: str, stage: str) -> "GenerativeRecommender":
+        """``stage_dir`` is one stage of a staged run: the run's export when ``stage_dir`` is its
+        last stage, sits in the run's out_dir and the export belongs to it; else a clear error."""
+        stages = STAGED_RUNS[script]
+        run_dir = stage_dir.parent
+        what = (f"{stage_dir} is the '{stage}' stage of a {script}.py run: its best.pt is not a recommender "
+                f"on its own (the run's final tokenizer is exported with it in <out_dir>/{RUN_EXPORT})")
+        if stage != stages[-1]:
+            raise StaleExportError(f"{what}; the run serves its last stage, '{stages[-1]}': load the run's out_dir "
+                                   f"({run_dir}) once it has finished")
+        if stage_dir.name != stage:
+            raise StaleExportError(f"{what}; it is not in its run's out_dir (folder named '{stage_dir.name}', "
+                                   f"not '{stage}'): load the run's out_dir instead")
+        problem = _staged_export_problem(run_dir, stages)
+        if problem is not None:
+            raise StaleExportError(f"{what}; {run_dir} cannot serve it: {problem}. Finish the run (run its command "
+                                   f"again with out_dir = '{run_dir}') to export its recommender")
+        return cls._load_folder(run_dir / RUN_EXPORT)
 
     @classmethod
     def _rebuild(cls, run_dir: Path, state: dict) -> "GenerativeRecommender":
@@ -516,6 +647,75 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
         return rec
 
 
+def _drop_seen(out, seen: Sequence[set], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A search's (items, scores) cut to ``width`` per row after dropping each row's ``seen``
+    items (kept in order; -1 / -inf where fewer remain)."""
+    if not any(seen):
+        return out.items[:, :width], out.scores[:, :width]
+    items = out.items.new_full((len(seen), width), -1)
+    scores = out.scores.new_full((len(seen), width), float("-inf"))
+    for row, (its, scs) in enumerate(zip(out.items.tolist(), out.scores.tolist())):
+        keep = [(i, s) for i, s in zip(its, scs) if i >= 0 and i not in seen[row]][:width]
+        if keep:
+            items[row, : len(keep)] = torch.tensor([i for i, _ in keep])
+            scores[row, : len(keep)] = torch.tensor([s for _, s in keep], dtype=scores.dtype)
+    return items, scores
+
+
+def _staged_script(run_dir: Path) -> str | None:
+    """The staged train script (:data:`STAGED_RUNS`) whose out_dir layout ``run_dir`` has: a
+    stage folder with a checkpoint, or a ``recommender/`` export next to a stage folder."""
+    for script, stages in STAGED_RUNS.items():
+        if any((run_dir / stage / name).is_file() for stage in stages for name in ("best.pt", "last.pt")):
+            return script
+    return None
+
+
+def _stage_of(run_dir: Path, state: dict) -> tuple[str, str] | None:
+    """(script, stage) when the best.pt ``state`` in ``run_dir`` belongs to a stage of a staged
+    run: its gin config binds that script, or its identity names an earlier stage's weights."""
+    from modules.training import config_bindings
+
+    bindings = config_bindings(state.get("config") or "")
+    identity = state.get("identity") or {}
+    for script, stages in STAGED_RUNS.items():
+        if any(k.startswith(f"{script}.") for k in bindings) or any(f"{s}_weights" in identity for s in stages):
+            stage = run_dir.name if run_dir.name in stages else \
+                next((s for prev, s in zip(stages, stages[1:]) if f"{prev}_weights" in identity), stages[0])
+            return script, stage
+    return None
+
+
+def _staged_export_problem(run_dir: Path, stages: Sequence[str]) -> str | None:
+    """Why ``run_dir/recommender`` is not the staged run's current recommender (None: it is).
+    The export must have been made from the last stage's ``best.pt`` (:func:`checkpoint_id`), and
+    each stage's ``best.pt`` must have started from the previous stage's current one (its
+    identity's ``<previous>_weights`` fingerprint): a later run that started over and stopped
+    before the end leaves a missing or another ``best.pt`` behind."""
+    from modules.training import fingerprint
+
+    export = run_dir / RUN_EXPORT
+    if not (export / CONFIG_FILE).is_file():
+        return f"no {RUN_EXPORT}/ export: the run has not finished"
+    states = []
+    for stage in stages:
+        path = run_dir / stage / "best.pt"
+        if not path.is_file():
+            return (f"{path} is missing: {export} is from an earlier run, and the run in {run_dir} has not "
+                    f"finished its '{stage}' stage")
+        states.append(torch.load(path, map_location="cpu", weights_only=False, mmap=True))
+    made_from = json.loads((export / CONFIG_FILE).read_text(encoding="utf-8")).get("checkpoint")
+    last = run_dir / stages[-1] / "best.pt"
+    if made_from != checkpoint_id(states[-1]):
+        return f"{export} was not made from the current {last} (an earlier run's export)"
+    for prev, stage, prev_state, state in zip(stages, stages[1:], states, states[1:]):
+        started = (state.get("identity") or {}).get(f"{prev}_weights")
+        if started is not None and started != fingerprint(*prev_state["model"].values()):
+            return (f"{run_dir / stage / 'best.pt'} did not start from the current {run_dir / prev / 'best.pt'}: "
+                    f"a later run replaced the '{prev}' stage and has not finished")
+    return None
+
+
 def checkpoint_id(state: dict) -> str:
     """Identity of a best.pt (its step, gin config and input fingerprints): an export made from it
     records this, so a later run in the same out_dir is never served with an older export."""
@@ -528,16 +728,20 @@ def checkpoint_id(state: dict) -> str:
 def run_info(record: dict) -> dict:
     """What a model card shows of a run's result record (``out_dir/result.json`` layout)."""
     keep = ("dataset", "architecture", "train_mode", "valid", "test", "popularity", "steps", "best_step",
-            "beam_size", "num_beams", "n_inference_ensemble", "command", "config")
+            "beam_size", "num_beams", "n_inference_ensemble", "protocol", "cold_slots", "command", "config")
     return {k: record[k] for k in keep if k in record}
 
 
 def from_training(model, architecture: str, tokenizer, dataset, *, run: dict | None = None,
                   checkpoint: str | Path | None = None, batch_size: int | None = None, layout=None,
                   beam_size: int | None = None, output_vocab: str | None = None, num_beams: int | None = None,
-                  n_inference_ensemble: int | None = None, eval_seed: int | None = None) -> GenerativeRecommender:
+                  n_inference_ensemble: int | None = None, eval_seed: int | None = None,
+                  cold_slots: int | None = None) -> GenerativeRecommender:
     """A recommender from a train script's in-memory pieces (the model at its best weights, its
-    tokenizer, the ``data.dataset.SeqDataset``); ``checkpoint``: the best.pt it was made from."""
+    tokenizer, the ``data.dataset.SeqDataset``); ``checkpoint``: the best.pt it was made from.
+    Under a cold split (``dataset.cold``) the held-out items are recorded (SASRec ranks the
+    others only) and, for semantic IDs, ``cold_slots`` (default: the ``run`` record's, i.e. the
+    test the run reported)."""
     config: dict[str, Any] = {"architecture": architecture, "model_config": model.config.to_dict(),
                               "max_history": int(dataset.max_history), "dataset": dataset.name}
     if architecture in SEMANTIC_ID:
@@ -547,6 +751,12 @@ def from_training(model, architecture: str, tokenizer, dataset, *, run: dict | N
                       eval_seed=int(eval_seed), batch_size=int(batch_size or 64))
     else:
         config.update(batch_size=int(batch_size or 256))
+    cold = getattr(dataset, "cold", None)
+    if cold is not None and architecture in (*SEMANTIC_ID, "sasrec"):  # ranked as the evaluation ranks them
+        config["cold_items"] = np.flatnonzero(cold).tolist()
+        slots = int((run or {}).get("cold_slots") or 0) if cold_slots is None else int(cold_slots)
+        if slots and architecture in SEMANTIC_ID:
+            config["cold_slots"] = slots
     config["run"] = run or {"dataset": dataset.name}
     if checkpoint is not None:
         config["checkpoint"] = checkpoint_id(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True))
@@ -572,4 +782,4 @@ def export_run(out_dir: str | Path, rec: GenerativeRecommender, push_to_hub: str
     return folder
 
 
-__all__ = ["GenerativeRecommender", "Recommendation", "UnknownItemError", "from_training", "export_run", "run_info", "run_record"]
+__all__ = ["GenerativeRecommender", "Recommendation", "StaleExportError", "UnknownItemError", "from_training", "export_run", "run_info", "run_record"]

@@ -7,7 +7,8 @@ combined by summing (:func:`group_rewards`):
 - ``'rank'``: MiniOneRec's ranking penalty. In a group that contains the target, the misses,
   ranked by the policy (rank 0 = most likely), get ``-(1/log2(i+2)) / sum_j 1/log2(j+2)`` for a
   miss at rank i, the sum running over the ranks j of the group's misses (so the penalties of
-  a group sum to -1: a likely wrong item costs more than an unlikely one). Hits and every
+  a group sum to -1: a likely wrong item costs more than an unlikely one). Ranks are those of
+  the group's distinct items, so repeated samples of one wrong item share one penalty value. Hits and every
   candidate of a group without the target get 0. MiniOneRec's ranking reward is
   ``'rule' + 'rank'``;
 - ``'semantic'``: ``alpha`` x the cosine between the candidate's and the target's item
@@ -25,12 +26,28 @@ def rule_reward(items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (items == target[:, None]).float()
 
 
+def item_ranks(items: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Ranks of the group's distinct items: each candidate gets the 0-based rank, among its
+    group's distinct items, of its item, the items ordered by their best (lowest) ``rank``
+    (dense: equal ranks stay equal, no gaps). Repeated samples of one item thus share one rank,
+    whatever order the policy's ties were broken in; distinct items ranked 0..G-1 keep theirs."""
+    same = items[:, :, None] == items[:, None, :]  # (n, G, G)
+    best = torch.where(same, rank[:, None, :], torch.iinfo(torch.long).max).min(-1).values.long()  # per candidate
+    # The distinct best ranks below each candidate's: count each value at its first column only.
+    first = ~torch.tril(best[:, :, None] == best[:, None, :], diagonal=-1).any(-1)  # (n, G)
+    return ((best[:, None, :] < best[:, :, None]) & first[:, None, :]).sum(-1)
+
+
 def rank_reward(items: torch.Tensor, target: torch.Tensor, rank: torch.Tensor | None = None) -> torch.Tensor:
     """``rank`` (n, G): each candidate's 0-based rank in its group by the policy (None: the
-    column order, e.g. beam search's best-first output). Equal ranks share one penalty value."""
+    column order, e.g. beam search's best-first output). The penalty goes by the rank of the
+    candidate's item among the group's distinct items (:func:`item_ranks`): equal ranks, and
+    repeated samples of one item, share one penalty value; each copy of a wrong item pays it
+    (the group's penalties still sum to -1)."""
     hit = items == target[:, None]
     if rank is None:
         rank = torch.arange(items.shape[1], device=items.device).expand_as(items)
+    rank = item_ranks(items, rank.to(items.device))
     weight = (1.0 / torch.log2(rank.double() + 2.0)).masked_fill(hit, 0.0)
     total = weight.sum(dim=1, keepdim=True)
     penalty = -weight / total.clamp(min=1e-300)

@@ -793,12 +793,15 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
                wandb_mode: str = "disabled", wandb_project: str = "sidrec", run_name: str | None = None,
                best_payload: dict | None = None, identity: dict[str, str] | None = None,
                script: str = "train", desc: str = "train",
-               before_step: Callable[[int, int], None] | None = None) -> tuple[LoopResult, NoOpLogger]:
+               before_step: Callable[[int, int], None] | None = None,
+               initial_best: tuple[float, int] | None = None) -> tuple[LoopResult, NoOpLogger]:
     """Train ``model`` on batches of example indices with validation-based model selection.
 
     ``loss_fn(indices) -> scalar loss`` (a mean over the examples), a :class:`SummedLoss`, or a
     :class:`StepOutput` of either with step statistics to log, builds and scores one batch;
-    ``validate() -> metrics`` (must contain ``metric``, higher is better). ``before_step(step, epoch)``, if given, runs before each batch's ``loss_fn`` with
+    ``validate() -> metrics`` (must contain ``metric``, higher is better). ``initial_best`` =
+    (value, step): a fresh run's best starts there, e.g. the validation figure of the model it
+    fine-tunes, so only a validation above it writes ``best.pt`` (none: the caller keeps its start). ``before_step(step, epoch)``, if given, runs before each batch's ``loss_fn`` with
     the global step about to be taken (also after a resume), for schedules that depend on it. Writes ``out_dir/last.pt`` (everything needed
     to resume exactly) after every validation and ``out_dir/best.pt`` (model weights, step,
     metrics, ``best_payload``, config) when the metric improves. Stops at ``max_steps``, after
@@ -858,6 +861,8 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
             print(f"[{desc}] resumed from {resumed_from} at step {step} (best {metric} {best:.4f})", file=sys.stderr)
     else:
         distributed.seed_per_rank(seed)
+        if initial_best is not None:
+            best, best_step = float(initial_best[0]), int(initial_best[1])
         if main and best_path.exists():  # a fresh run must never be tested with an earlier run's weights
             best_path.unlink()
             print(f"[{desc}] starting over in {out_dir}: removed the earlier run's best.pt", file=sys.stderr)

@@ -12,10 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import torch
+
 import train_decoder
 import train_rqvae
 from data.dataset import SeqDataset, cold_item_mask, domain_item_mask, item_domains
-from modules.evaluation import combine_metrics, evaluate_groups, ranking_metrics
+from modules.evaluation import RestrictedScores, combine_metrics, evaluate_groups, ranking_metrics
+from modules.recommender import GenerativeRecommender
 from tests.fixtures import dataset_bindings, run_script, write_p5_dataset
 
 
@@ -204,6 +207,32 @@ def check_cold_result(res, ds):
         assert res["popularity"][k] == pytest.approx(avg)
 
 
+def user_histories(ds, rec):
+    """The test users' histories as raw item ids (what a caller of ``recommend`` passes)."""
+    test = ds.eval_examples("test")
+    return test, [[rec.raw_ids[i] for i in row if i >= 0] for row in test.history]
+
+
+def ranked_ids(recs, width=10):
+    out = np.full((len(recs), width), -1, dtype=np.int64)
+    for u, r in enumerate(recs):
+        out[u, : len(r.item_ids)] = r.item_ids[:width]
+    return out
+
+
+def check_recommend_is_the_test(rec, ds, res, **kwargs):
+    """``recommend`` on every test user's history gives exactly the metrics the run's test
+    reported, overall and on the cold-target and warm-target users apart."""
+    test, histories = user_histories(ds, rec)
+    recs = rec.recommend(histories, k=10, **kwargs)
+    ranked, is_cold = ranked_ids(recs), ds.test_is_cold()
+    for key, rows in (("test", slice(None)), ("test_cold", is_cold), ("test_warm", ~is_cold)):
+        got = ranking_metrics(ranked[rows], test.target[rows])
+        assert {k: got[k] for k in train_decoder.REPORT_KEYS} == pytest.approx(
+            {k: res[key][k] for k in train_decoder.REPORT_KEYS}, abs=1e-12), key
+    return recs
+
+
 def test_sasrec_scores_zero_on_cold_targets(fixture_data, tmp_path):
     _, base = fixture_data
     split = ["load_dataset.cold_items = 0.2", "load_dataset.cold_seed = 3"]
@@ -215,11 +244,24 @@ def test_sasrec_scores_zero_on_cold_targets(fixture_data, tmp_path):
     assert res["protocol"]["name"] == "cold_start" and res["protocol"]["cold_items"] == 12
     assert all(res["test_cold"][k] == 0.0 for k in train_decoder.REPORT_KEYS)
     assert res["test_warm"]["ndcg@10"] > res["popularity_warm"]["ndcg@10"]  # it did train on the warm ones
+    # The exported recommender ranks as the test did: only the items the model trained on.
+    rec = GenerativeRecommender.from_pretrained(tmp_path / "sasrec", device="cpu")
+    test, histories = user_histories(ds, rec)
+    whole = rec.recommend(histories[:5], k=rec.num_items)  # the whole ranking: no held-out item in it
+    assert all(len(r.item_ids) == (~ds.cold).sum() and not ds.cold[r.item_ids].any() for r in whole)
+    recs = check_recommend_is_the_test(rec, ds, res)
+    with torch.no_grad():  # item for item, the evaluator's exact top 10 of the restricted scores
+        top = RestrictedScores(rec.model, ~ds.cold).scores(torch.as_tensor(test.history)).topk(10).indices
+    assert np.array_equal(ranked_ids(recs), top.numpy())
+    np.testing.assert_array_equal(rec.cold, ds.cold)
 
 
 def test_generative_zero_shot_end_to_end(fixture_data, tmp_path):
     """The tokenizer (text only, every item) and a few T5 steps on the zero-shot split: the run
-    completes and reports the held-out domain apart (no threshold: a few steps learn little)."""
+    completes and reports the held-out domain apart (no threshold: a few steps learn little).
+    Re-tested with one of the top 10 reserved for held-out items: a held-out item enters every
+    user's top 10 (without the slot the model ranks few or none there), and the exported
+    recommender's ``recommend`` gives the test's ranking in both cases."""
     root, base = fixture_data
     split = ["load_dataset.holdout_domain = 'Perfume'"]
     run_script(train_rqvae.main, "configs/tiny/rqvae_tiny.gin", base + [f"train_rqvae.out_dir = '{tmp_path / 'rq'}'",
@@ -231,6 +273,11 @@ def test_generative_zero_shot_end_to_end(fixture_data, tmp_path):
     check_cold_result(res, ds)
     assert res["protocol"]["holdout_domain"] == "Perfume"
     assert res["valid"] and 0 <= res["test_cold"]["recall@10"] <= 1
+    plain = GenerativeRecommender.from_pretrained(tmp_path / "dec", device="cpu")
+    assert plain.cold_slots == 0
+    test, _ = user_histories(ds, plain)
+    before = check_recommend_is_the_test(plain, ds, res, users=test.user)
+    cold_before = np.array([ds.cold[r.item_ids].sum() for r in before])
     # The finished run tested again with one of the top 10 reserved for held-out items (TIGER's
     # cold-start share; known answers in tests/test_evaluation.py): no further training.
     slot = run_script(train_decoder.main, "configs/tiny/decoder_tiny.gin", base + split + [
@@ -239,6 +286,16 @@ def test_generative_zero_shot_end_to_end(fixture_data, tmp_path):
         "train_decoder.cold_slots = 1"])
     assert slot["cold_slots"] == 1 and slot["steps"] == res["steps"] and slot["popularity"] == res["popularity"]
     check_cold_result(slot, ds)
+    rec = GenerativeRecommender.from_pretrained(tmp_path / "dec", device="cpu")  # re-exported with the slot
+    assert rec.cold_slots == 1 and rec.config["checkpoint"] == plain.config["checkpoint"]
+    after = check_recommend_is_the_test(rec, ds, res=slot, users=test.user)
+    cold_after = np.array([ds.cold[r.item_ids].sum() for r in after])
+    assert (cold_after == 1).all(), cold_after  # exactly one held-out item in every top 10
+    assert cold_before.mean() < 0.5, cold_before  # without the slot, most lists hold none
+    # ranked best first by score (each item with its own search's score, as merge_reserved ranks them)
+    for r in after[:20]:
+        assert r.scores == sorted(r.scores, reverse=True)
+    assert slot["test_cold"]["recall@10"] > res["test_cold"]["recall@10"]  # and some of them are the target
     with pytest.raises(ValueError, match="cold_slots"):  # no held-out items to reserve slots for
         run_script(train_decoder.main, "configs/tiny/decoder_tiny.gin", base + [
             f"train_decoder.tokenizer = '{tmp_path / 'rq'}'", f"train_decoder.out_dir = '{tmp_path / 'warm'}'",

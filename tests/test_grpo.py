@@ -108,6 +108,29 @@ def test_objective_at_step0_and_known_ratio():
     assert float(out.loss) == pytest.approx(float(-(surrogate.sum() - kl) / 8), rel=1e-5)
 
 
+def test_k3_kl_gradient_known_answer():
+    """The KL term's gradient, not only its value: d/d log pi of beta * (e^d - d - 1), d = log pi_ref
+    - log pi, is beta * (1 - e^d) per token (pulls log pi towards log pi_ref), over the n x G mean;
+    on-policy it adds to the surrogate's REINFORCE gradient -A / (n G)."""
+    g = torch.Generator().manual_seed(1)
+    logp = torch.log_softmax(torch.randn(2, 3, 4, generator=g), -1).requires_grad_(True)
+    d = 0.3 * torch.randn(2, 3, 4, generator=g, dtype=torch.float32)  # per-token log pi_ref - log pi
+    ref = logp.detach() + d
+    beta = 0.5
+    out = grpo_objective(logp, logp.detach(), ref, torch.zeros(2, 3), beta=beta)  # A = 0: the KL term alone
+    kl = (d.exp() - d - 1).sum(-1)
+    assert float(out.kl) == pytest.approx(float(kl.mean()), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(beta * float(kl.mean()), rel=1e-5)
+    out.loss.backward()
+    want = beta * (1 - d.exp()) / 6
+    assert torch.allclose(logp.grad, want, atol=1e-7)
+    assert ((logp.grad < 0) == (d > 0)).all()  # below the reference: pushed up; above: pushed down
+    logp.grad = None
+    adv = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.5, -1.0]])
+    grpo_objective(logp, logp.detach(), ref, adv, beta=beta).loss.backward()
+    assert torch.allclose(logp.grad, want - (adv / 6)[..., None], atol=1e-7)
+
+
 def test_batch_loss_step0_ratio_one_kl_zero():
     model, layout, codes, trie, history, _, _ = tiny_setup()
     reference = T5(model.config).eval()
@@ -146,8 +169,51 @@ def test_rewards_known_answers():
     assert torch.allclose(both, rule_reward(items, target) + rank_reward(items, target))
     with pytest.raises(ValueError, match="item_embeddings"):
         group_rewards(("semantic",), items, target)
+    # Equal explicit ranks share one value; ranks are dense (the next distinct rank follows).
+    tied = rank_reward(torch.tensor([[1, 2, 3, 5]]), torch.tensor([5]), torch.tensor([[0, 0, 2, 3]]))
+    w0, w1 = 1.0, 1 / math.log2(3)
+    assert torch.allclose(tied, torch.tensor([[-w0, -w0, -w1, 0.0]]) / (2 * w0 + w1))
     with pytest.raises(ValueError, match="subset"):
         group_rewards(("bogus",), items, target)
+
+
+def test_rank_reward_repeated_samples_share_one_penalty():
+    """Sampling draws an item several times, and the policy's ties among its copies are broken by
+    column: every copy of a wrong item must still pay the one penalty of the item's rank among
+    the group's distinct items (modules/rewards.py's docstring), the group's penalties summing to -1."""
+    items = torch.tensor([[4, 1, 4, 9, 7], [4, 1, 4, 9, 7]])
+    target = torch.tensor([9, 9])
+    rank = torch.tensor([[0, 1, 2, 3, 4], [2, 1, 0, 3, 4]])  # the copies of item 4 ordered either way
+    w = [1 / math.log2(r + 2) for r in range(4)]  # distinct items by rank: 4 -> 0, 1 -> 1, 9 -> 2, 7 -> 3
+    miss = torch.tensor([-w[0], -w[1], -w[0], 0.0, -w[3]]) / (2 * w[0] + w[1] + w[3])
+    got = rank_reward(items, target, rank)
+    assert torch.allclose(got, miss.expand(2, -1))
+    assert torch.allclose(got.sum(1), -torch.ones(2))
+    # Through grpo_batch_loss's sampling and ranking (a peaked model draws repeats): every
+    # row's copies of an item get one reward.
+    model, layout, codes, trie, history, _, _ = tiny_setup()
+    seen = []
+
+    def spy(kinds, items, target, rank=None, *args):
+        out = group_rewards(kinds, items, target, rank, *args)
+        seen.append((items, out))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("modules.grpo.group_rewards", spy)
+        torch.manual_seed(0)
+        sampled = grpo_batch_loss(model, model, layout, codes, trie, history, torch.tensor([0, 1, 2]), None,
+                                  mode="sample", group_size=12, rewards=("rank",))
+        assert sampled.group_hit > 0  # some group holds its target (rank penalties apply)
+    items, reward = seen[0]
+    repeats = 0
+    for row_items, row_reward in zip(items.tolist(), reward.tolist()):
+        by_item = {}
+        for i, r in zip(row_items, row_reward):
+            by_item.setdefault(i, set()).add(r)
+        assert all(len(v) == 1 for v in by_item.values()), by_item
+        repeats += len(row_items) - len(by_item)
+    assert repeats > 0  # the check saw repeated samples
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -215,16 +281,44 @@ def grpo(sft, out, *extra):
         *extra])
 
 
+def hit_rate_rose(res) -> bool:
+    first, last = res["hit_rate_first"], res["hit_rate_last"]
+    return last >= first + 0.03 and last >= 1.25 * first
+
+
 def test_grpo_raises_in_group_hit_rate(sft, tmp_path):
     """The tiny recipe (100 steps of 32 users x 8 samples, lr 1e-3) after a short SFT run. Measured:
     the in-group hit rate (fraction of samples that are the target) went 0.092 -> 0.153 from the
-    first to the last 20 steps (each window ~5k samples in 640 groups); KL to the SFT model ~1.3."""
+    first to the last 20 steps (each window ~5k samples in 640 groups); KL to the SFT model ~1.3.
+    Control: the same run at lr 0 (the SFT model throughout: the windows differ only in their
+    users and draws) must not pass the criterion, nor move off the SFT model."""
     res = grpo(sft, tmp_path / "run")
     assert res["steps"] == 100
     assert res["sft_test"] == pytest.approx({k: sft[2]["test"][k] for k in res["sft_test"]})  # same start
     first, last = res["hit_rate_first"], res["hit_rate_last"]
-    assert last >= first + 0.03 and last >= 1.25 * first, f"in-group hit rate {first:.3f} -> {last:.3f}"
-    assert 0 <= res["train_clip_fraction"] == 0.0 and res["train_kl"] >= 0
+    assert hit_rate_rose(res), f"in-group hit rate {first:.3f} -> {last:.3f}"
+    assert 0 <= res["train_clip_fraction"] == 0.0 and res["train_kl"] > 0.1
+    frozen = grpo(sft, tmp_path / "frozen", "train_grpo.lr = 0.0")
+    assert not hit_rate_rose(frozen), f"lr 0: {frozen['hit_rate_first']:.3f} -> {frozen['hit_rate_last']:.3f}"
+    assert abs(frozen["hit_rate_last"] - frozen["hit_rate_first"]) < 0.03
+    assert abs(frozen["train_kl"]) < 1e-6 and frozen["valid"] == frozen["sft_valid"]  # never left the SFT model
+
+
+def test_grpo_never_returns_worse_than_its_sft_start(sft, tmp_path):
+    """A learning rate that wrecks the model: every GRPO validation is below the SFT model's on
+    the same validation users, so best.pt stays the SFT model (the tracker starts at its figure)
+    and the run reports the SFT model's metrics."""
+    res = grpo(sft, tmp_path / "wreck", "train_grpo.lr = 1.0", "train_grpo.warmup_steps = 0",
+               "train_grpo.max_steps = 4", "train_grpo.eval_every = 2", "train_grpo.eval_users = 100")
+    assert res["steps"] == 4 and res["best_step"] == 0, res
+    assert res["valid"] == res["sft_valid"] and res["test"] == res["sft_test"]
+    best = torch.load(tmp_path / "wreck" / "best.pt", weights_only=False)
+    sft_weights = torch.load(sft[0] / "sft" / "best.pt", weights_only=False)["model"]
+    assert best["step"] == 0 and all(torch.equal(best["model"][k], sft_weights[k]) for k in sft_weights)
+    last = torch.load(tmp_path / "wreck" / "last.pt", weights_only=False)
+    assert not all(torch.equal(last["model"][k], sft_weights[k]) for k in sft_weights)  # it did train
+    curve = last["extra"]["curves"]["ndcg@10"]
+    assert [s for s, _ in curve] == [2, 4] and all(v < last["extra"]["best"] for _, v in curve)
 
 
 def test_grpo_exact_resume(sft, tmp_path):

@@ -15,11 +15,12 @@ import torch
 
 import train_actionpiece
 import train_decoder
+import train_joint
 import train_rqvae
 from data.prepare import load_dataset
 from modules.beam_search import beam_search
 from modules.evaluation import ranking_metrics
-from modules.recommender import GenerativeRecommender, UnknownItemError
+from modules.recommender import GenerativeRecommender, StaleExportError, UnknownItemError
 from tests.fixtures import dataset_bindings, run_script, write_p5_dataset
 
 import recommend
@@ -230,3 +231,53 @@ def test_readme_example_runs(runs, tmp_path):
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "exp" / "model.safetensors").is_file()
     assert "python recommend.py runs/beauty/gpt_e3 --history" in section
+
+
+def test_train_joint_run_and_its_stages(runs, tmp_path, capsys):
+    """A train_joint.py (ETEGRec) out_dir holds one folder per stage and the export of the
+    finished run. The fine-tuning stage's folder serves that export (it used to fail with a bare
+    TypeError); the first stage, a stage out of its run, and a run whose export belongs to an
+    earlier run in the same out_dir (started over, stopped) each get a StaleExportError saying
+    why (the latter used to be served the old export silently)."""
+    root, _, _, dataset = runs
+    out = tmp_path / "joint"
+    base = dataset_bindings(root / "data", root / "cache")
+
+    def joint(*extra):  # validations at joint steps 20 and 40, fine-tuning steps 5 and 10
+        return run_script(train_joint.main, "configs/tiny/joint_tiny.gin", base + [
+            f"train_joint.tokenizer = '{root / 'rq'}'", f"train_joint.out_dir = '{out}'", "train_joint.max_steps = 40",
+            "train_joint.finetune_steps = 10", "train_joint.finetune_eval_every = 5", "train_joint.eval_users = 60",
+            "train_joint.precision = 'fp32'", *extra])
+
+    joint()
+    ex, histories = histories_of(dataset)
+    rec = GenerativeRecommender.from_pretrained(out, device="cpu")
+    want = [r.to_dict() for r in rec.recommend(histories[:20], k=10, users=ex.user[:20])]
+    stage = GenerativeRecommender.from_pretrained(out / "finetune", device="cpu")
+    assert stage.config["checkpoint"] == rec.config["checkpoint"]
+    assert [r.to_dict() for r in stage.recommend(histories[:20], k=10, users=ex.user[:20])] == want
+    assert recommend.main([str(out / "finetune"), "--history", *histories[0], "--device", "cpu"]) == 0
+    capsys.readouterr()
+    with pytest.raises(StaleExportError, match="'joint' stage of a train_joint.py run.*its last stage, 'finetune'"):
+        GenerativeRecommender.from_pretrained(out / "joint", device="cpu")
+    shutil.copytree(out / "finetune", tmp_path / "copied")
+    with pytest.raises(StaleExportError, match="not in its run's out_dir"):
+        GenerativeRecommender.from_pretrained(tmp_path / "copied", device="cpu")
+    unfinished = tmp_path / "unfinished"  # a later run that stopped before its fine-tuning validated
+    shutil.copytree(out, unfinished)
+    (unfinished / "finetune" / "best.pt").unlink()
+    with pytest.raises(StaleExportError, match=r"finetune/best.pt is missing.*has not finished its 'finetune' stage"):
+        GenerativeRecommender.from_pretrained(unfinished, device="cpu")
+
+    # A later run in the same out_dir: started over (another seed), stopped after its first
+    # validation in stage 1. Its joint/best.pt is new; finetune/best.pt and the export are the old run's.
+    part = joint("train_joint.resume = False", "train_joint.seed = 7", "train_joint.stop_after_steps = 25")
+    assert part["stage"] == "joint" and (out / "joint" / "best.pt").is_file()
+    for path in (out, out / "finetune"):
+        with pytest.raises(StaleExportError, match="a later run replaced the 'joint' stage and has not finished"):
+            GenerativeRecommender.from_pretrained(path, device="cpu")
+    assert recommend.main([str(out), "--history", *histories[0], "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Finish the run" in err and "Traceback" not in err
+    old = GenerativeRecommender.from_pretrained(out / "recommender", device="cpu")  # on purpose: the old export
+    assert [r.to_dict() for r in old.recommend(histories[:20], k=10, users=ex.user[:20])] == want

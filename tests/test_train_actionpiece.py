@@ -18,6 +18,7 @@ from modules.tokens import BOS, EOS, PAD
 from modules.transformers.generation import target_log_probs
 from modules.transformers.t5 import T5, T5Config
 from tests.fixtures import dataset_bindings, write_p5_dataset
+from tests.test_learning import MIN_GAP, MIN_RATIO  # the suite's learning bar
 
 KEYS = {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"}
 
@@ -107,16 +108,30 @@ def test_valid_on_all_users_and_lenient_scoring(setup, full, tmp_path):
             "train_actionpiece.eval_every = 2", "train_actionpiece.invalid_beams = 'skip'")
 
 
+def learned(res) -> bool:
+    """The suite's learning bar (tests/test_learning.py): test NDCG@10 at least MIN_RATIO x
+    popularity's and MIN_GAP above it."""
+    model, popular = res["test"]["ndcg@10"], res["popularity"]["ndcg@10"]
+    return model >= MIN_RATIO * popular and model - popular >= MIN_GAP
+
+
 def test_learns_to_beat_popularity(setup, tmp_path):
     """The fixture's users buy inside a favourite category in a cyclic order: 400 steps of the tiny
     model (~15 s on one core) find it. Measured test NDCG@10 over fixture seeds 0-3 and training
     seeds 1, 2, 3, 7, 42: 0.39-0.51 against popularity's 0.06-0.09 (4.4-6.8x); the 60 steps of
-    the plain tiny config score ~0.05, below popularity."""
+    the plain tiny config score ~0.05, below popularity. The bar is the suite's (3x popularity
+    and +0.2, tests/test_learning.py), and it can fail: the untrained model (the same recipe at
+    learning rate 0) stays below it, near popularity."""
     res = run(setup, tmp_path / "learn", "train_actionpiece.max_steps = 400", "train_actionpiece.eval_every = 100",
               "train_actionpiece.warmup_steps = 50")
     model, popular = res["test"]["ndcg@10"], res["popularity"]["ndcg@10"]
-    assert model >= 2 * popular and model >= popular + 0.15, (model, popular)
-    assert res["test"]["recall@10"] >= 2 * res["popularity"]["recall@10"]
+    assert popular > 0.02, f"popularity baseline implausibly low ({popular:.4f}): the comparison would be vacuous"
+    assert learned(res), (model, popular)
+    assert res["test"]["recall@10"] >= MIN_RATIO * res["popularity"]["recall@10"]
+    frozen = run(setup, tmp_path / "frozen", "train_actionpiece.lr = 0.0", "train_actionpiece.max_steps = 2",
+                 "train_actionpiece.eval_every = 2", "train_actionpiece.warmup_steps = 1")
+    untrained = frozen["test"]["ndcg@10"]
+    assert not learned(frozen) and untrained < popular + 0.05, (untrained, frozen["popularity"]["ndcg@10"])
 
 
 def test_layout_labels_decode_to_their_items(full):
