@@ -55,7 +55,8 @@ ITEMS_FILE = "items.json"
 TOKENIZER_DIR = "tokenizer"
 CARD_FILE = "README.md"
 RUN_EXPORT = "recommender"  # the folder train scripts write into their out_dir
-ARCHITECTURES = ("t5", "gpt", "recgpt", "sasrec", "actionpiece")
+ARCHITECTURES = ("t5", "gpt", "recgpt", "rpg", "sasrec", "actionpiece")
+EXACT = ("sasrec", "rpg")  # score every item: the top k of a full ranking
 SEMANTIC_ID = ("t5", "gpt", "recgpt")  # beam search over a SemanticIdTokenizer's item trie
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLOT_TOP_K = 10  # the evaluation's top_k: cold_slots reserve m of these (modules/evaluation.py)
@@ -116,6 +117,10 @@ def _build_model(architecture: str, model_config: dict) -> torch.nn.Module:
     if architecture == "sasrec":
         from modules.sasrec import SASRec, SASRecConfig
         return SASRec(SASRecConfig(**model_config))
+    if architecture == "rpg":  # the item codes are a buffer of the weights (placeholder until loaded)
+        from modules.rpg import RPG, RPGConfig
+        cfg = RPGConfig(**model_config)
+        return RPG(cfg, torch.zeros(cfg.num_items, cfg.num_codebooks, dtype=torch.long))
     from modules.transformers.t5 import T5, T5Config  # t5 and actionpiece
     return T5(T5Config.from_dict(model_config))
 
@@ -267,8 +272,8 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
         if users is not None and len(users) != len(ids):
             raise ValueError(f"users has {len(users)} entries for {len(ids)} histories")
         self.model.eval()
-        if self.architecture == "sasrec":
-            allowed = self.num_items if self.cold is None else int((~self.cold).sum())
+        if self.architecture in EXACT:
+            allowed = self.num_items if self.cold is None or self.architecture != "sasrec" else int((~self.cold).sum())
             ranked, scores = self._sasrec(history, min(k + extra, allowed), batch_size)
         elif self.architecture == "actionpiece":
             ranked, scores = self._actionpiece(history, k + extra, beam_size, batch_size)
@@ -336,8 +341,8 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
     def _sasrec(self, history, width, batch_size):
         from modules.evaluation import RestrictedScores
 
-        # Under a cold split the evaluation ranks only the items the model trained on.
-        scorer = self.model if self.cold is None else RestrictedScores(self.model, ~self.cold)
+        # Under a cold split the evaluation ranks only the items SASRec trained on (RPG's IDs come from text).
+        scorer = self.model if self.cold is None or self.architecture != "sasrec" else RestrictedScores(self.model, ~self.cold)
         ranked, scores = [], []
         for sl in self._batches(len(history), batch_size or self.config.get("batch_size", 256)):
             s = scorer.scores(torch.as_tensor(history[sl], device=self.device)).float()
@@ -397,6 +402,7 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
         run = self.config.get("run") or {}
         name = {"t5": "TIGER (T5 encoder-decoder over semantic IDs)", "gpt": "GPT decoder over semantic IDs",
                 "recgpt": "RecGPT (block-causal decoder over semantic IDs + item text)",
+                "rpg": "RPG (long semantic IDs predicted in parallel, exact ranking)",
                 "sasrec": "SASRec (item IDs)", "actionpiece": "ActionPiece (T5)"}[self.architecture]
         if self.architecture in SEMANTIC_ID:
             tok = (f"semantic IDs, codebook sizes {list(self.layout.codebook_sizes)}, "
@@ -599,7 +605,8 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
         run = run_info(result) if result else {"dataset": dataset.name, "config": state.get("config")}
         if "architecture" in state:  # train_decoder.py
             arch = state["architecture"]
-            key = {"t5": "T5Config.", "gpt": "GPTConfig.", "recgpt": "GPTConfig.", "sasrec": "SASRecConfig."}[arch]
+            key = {"t5": "T5Config.", "gpt": "GPTConfig.", "recgpt": "GPTConfig.", "rpg": "RPGConfig.",
+                   "sasrec": "SASRecConfig."}[arch]
             model_config = {k[len(key):]: value(k) for k in bindings if k.startswith(key)}
             tok = layout = None
             if arch == "sasrec":
@@ -607,14 +614,15 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
             else:
                 from modules.semantic_ids import SemanticIdTokenizer
                 from modules.tokens import TokenLayout
-                layout = TokenLayout.from_dict(state["layout"])
+                layout = TokenLayout.from_dict(state["layout"]) if state.get("layout") else None  # rpg: none
                 name = local_path(value("train_decoder.tokenizer"))
                 tok_dir = Path(name) / "tokenizer" if (Path(name) / "tokenizer").is_dir() else name
                 tok = SemanticIdTokenizer.from_pretrained(str(tok_dir))
                 if tok.raw_ids is not None:
                     tok.check_raw_ids(dataset.items["raw_id"].to_list())
-                model_config.update(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size)
-            if arch == "recgpt":  # sizes of its item tables too: the config the run saved (train_decoder.py)
+                if layout is not None:
+                    model_config.update(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size)
+            if arch in ("recgpt", "rpg"):  # sizes of its item tables too: the config the run saved (train_decoder.py)
                 model_config = state["model_config"]
             model = _build_model(arch, model_config)
             beam = result.get("beam_size", value("train_decoder.beam_size", 20))  # 20: train_decoder's default

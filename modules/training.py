@@ -280,6 +280,8 @@ RESUME_MAY_CHANGE = frozenset({
     "max_train_minutes", "stop_after_steps", "patience", "eval_every", "ckpt_every", "log_every",
     "eval_batch_size", "num_threads", "resume", "wandb_mode", "wandb_project", "run_name", "push_to_hub",
     "cache_dir", "verbose", "unconstrained_test", "cold_slots",
+    # RPG's test-time decoding (exact or graph-constrained) and the graph search's settings.
+    "decoding", "n_edges", "graph_beams", "propagation_steps",
     # train_rqvae: which trained weights give the codes, and the post-hoc last-level rebalancing
     # (both act after training, so a finished run may be re-assembled with them).
     "select_by", "rebalance_last_level",

@@ -174,3 +174,39 @@ def test_rpg_graph_decoding_end_to_end_matches_exact_on_a_covering_graph(fixture
                       "train_decoder.decoding = 'graph'", "GraphScores.n_edges = 60", "GraphScores.propagation_steps = 1")
     assert graph["decoding"] == "graph"
     assert graph["test"] == exact["test"] and graph["valid"] == exact["valid"]
+
+
+def test_rpg_recommender_round_trip_ranks_as_the_evaluator(fixture_run, tmp_path):
+    """The run's export (what from_pretrained and the Hub round trip serve) recommends exactly the
+    evaluator's top 10 (the model's exact ranking of every item), before and after save/load, and
+    a run folder without its export is rebuilt from best.pt."""
+    import shutil
+
+    from data.prepare import load_dataset
+    from modules.recommender import GenerativeRecommender
+
+    root, _ = fixture_run
+    res = train_rpg(fixture_run, tmp_path / "run", "train_decoder.max_steps = 60")
+    data = root / "data"
+    dataset = load_dataset(source="p5", path=str(data), items=str(data / "items.item"), min_count=1,
+                           cache_dir=str(root / "cache"), verbose=False)
+    ex = dataset.eval_examples("test")
+    raw = dataset.items["raw_id"].to_list()
+    histories = [[raw[i] for i in row if i >= 0] for row in ex.history]
+    rec = GenerativeRecommender.from_pretrained(tmp_path / "run", device="cpu")
+    got = [r.item_ids for r in rec.recommend(histories, k=10)]
+    with torch.no_grad():
+        expected = rec.model.scores(torch.as_tensor(ex.history)).topk(10, dim=1).indices.tolist()
+    assert got == expected
+    hits = np.mean([t in g for t, g in zip(ex.target, got)])
+    assert hits == pytest.approx(res["test"]["recall@10"])
+    rec.save_pretrained(tmp_path / "saved")
+    again = GenerativeRecommender.from_pretrained(tmp_path / "saved", device="cpu")
+    assert [r.item_ids for r in again.recommend(histories, k=10)] == got
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("best.pt", "best.pt.sha256", "result.json"):
+        if (tmp_path / "run" / name).exists():
+            shutil.copy(tmp_path / "run" / name, bare / name)
+    rebuilt = GenerativeRecommender.from_pretrained(bare, device="cpu")
+    assert [r.item_ids for r in rebuilt.recommend(histories, k=10)] == got
