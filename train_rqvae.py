@@ -1,8 +1,9 @@
-"""Train a semantic-ID tokenizer (RQ-VAE, HiD-VAE, RQ-KMeans or FSQ) on item text embeddings.
+"""Train a semantic-ID tokenizer (RQ-VAE, HiD-VAE, RQ-KMeans, FSQ or OPQ) on item text embeddings.
 
     python train_rqvae.py configs/rqvae_amazon.gin bench/configs/beauty_local.gin
     python train_rqvae.py configs/rqkmeans_amazon.gin bench/configs/beauty_local.gin
     python train_rqvae.py configs/hidvae_amazon.gin bench/configs/beauty_local.gin
+    python train_rqvae.py configs/opq_amazon.gin bench/configs/beauty_local.gin    # RPG, no dedup level
     python train_rqvae.py configs/rqvae_amazon.gin --gin 'train_rqvae.max_steps = 2000'
 
 Tiny CPU recipe (seconds): python train_rqvae.py configs/tiny/rqvae_tiny.gin
@@ -15,7 +16,7 @@ the same out_dir resumes from ``out_dir/last.pt``. The last stdout line is one J
 Several processes: ``torchrun --nproc_per_node N train_rqvae.py ...`` splits every batch over
 them (gradients and the RQ-VAE's codebook statistics summed over all, see
 ``modules/distributed.py``); rank 0 alone writes; the item codes are checked to be identical on
-every rank. RQ-KMeans has no training loop: every rank fits, then takes rank 0's centroids.
+every rank. RQ-KMeans and OPQ have no training loop: every rank fits, then takes rank 0's result.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from modules import distributed
 from modules.plots import plot_group_sizes
 from modules.quantizers.fsq import FSQConfig, FSQTokenizer
 from modules.quantizers.hidvae import HiDVAE, HiDVAEConfig
+from modules.quantizers.opq import OPQConfig, OPQTokenizer
 from modules.quantizers.rqkmeans import RQKMeans, RQKMeansConfig
 from modules.quantizers.rqvae import RQVAE, RQVAEConfig
 from modules.semantic_ids import (
@@ -44,13 +46,13 @@ from modules.training import (
     pick_device, print_result, resolved_config, save_checkpoint, seed_everything, warmup_cosine,
 )
 
-for _cfg in (RQVAEConfig, RQKMeansConfig, FSQConfig, HiDVAEConfig):
+for _cfg in (RQVAEConfig, RQKMeansConfig, FSQConfig, HiDVAEConfig, OPQConfig):
     gin.external_configurable(_cfg)
 
 
 @gin.configurable
 def train_rqvae(
-    quantizer=gin.REQUIRED,  # @RQVAEConfig(), @HiDVAEConfig(), @RQKMeansConfig() or @FSQConfig()
+    quantizer=gin.REQUIRED,  # @RQVAEConfig(), @HiDVAEConfig(), @RQKMeansConfig(), @FSQConfig() or @OPQConfig()
     out_dir: str = "runs/rqvae",
     max_steps: int = 20_000,
     batch_size: int = 1024,
@@ -66,7 +68,9 @@ def train_rqvae(
     select_by: str = "collision",
     ckpt_every: int = 2_000,
     log_every: int = 100,
-    dedup_size: int | None = 256,  # codes in the extra dedup level; None: as many as the largest group
+    # Codes in the extra dedup level; None: as many as the largest group; 0: no dedup level (the
+    # IDs are the quantizer's codes, shared ones included: RPG's unordered OPQ codes).
+    dedup_size: int | None = 256,
     # LC-Rec's assignment step (RQVAE.rebalance_collisions): after training, the items that share
     # a whole code get their last level re-chosen by Sinkhorn over their group, so fewer IDs need
     # the dedup level. Only the item table changes; encode() of a new item stays nearest-code.
@@ -104,10 +108,13 @@ def train_rqvae(
 
     best = None  # the selected eval (select_by="collision")
     last_eval = None  # the latest periodic eval of this process (the last step's, once training ends)
-    if isinstance(quantizer, RQKMeansConfig):  # no training loop: residual k-means on the embeddings
-        model = RQKMeans(quantizer).to(dev)
-        tags = purity_tags(dataset, model, dev)
+    if isinstance(quantizer, (RQKMeansConfig, OPQConfig)):  # no training loop: fitted once on the embeddings
+        model = (RQKMeans if isinstance(quantizer, RQKMeansConfig) else OPQTokenizer)(quantizer).to(dev)
+        if isinstance(model, RQKMeans):  # tag purity is a property of code prefixes; OPQ's codes are a set
+            tags = purity_tags(dataset, model, dev)
+        t_fit = time.time()
         model.fit(emb)
+        print(f"[rqvae] fitted in {time.time() - t_fit:.1f} s", file=sys.stderr)
         distributed.broadcast_module(model)  # rank 0's centroids (k-means on a GPU may differ in the last bits)
         step = 0
     else:
@@ -225,10 +232,14 @@ def train_rqvae(
         logger.finish()
         distributed.barrier()
         return {}
-    item_codes = add_dedup_level(m["codes"].cpu(), max_size=dedup_size)
-    dedup_level_size = dedup_size or int(item_codes[:, -1].max()) + 1
-    tokenizer = SemanticIdTokenizer(model.cpu(), item_codes, codebook_sizes=list(model.codebook_sizes) +
-                                    [dedup_level_size], raw_ids=dataset.items["raw_id"].to_list())
+    if dedup_size == 0:
+        item_codes, dedup_level_size, sizes = m["codes"].cpu(), 0, list(model.codebook_sizes)
+    else:
+        item_codes = add_dedup_level(m["codes"].cpu(), max_size=dedup_size)
+        dedup_level_size = dedup_size or int(item_codes[:, -1].max()) + 1
+        sizes = list(model.codebook_sizes) + [dedup_level_size]
+    tokenizer = SemanticIdTokenizer(model.cpu(), item_codes, codebook_sizes=sizes,
+                                    raw_ids=dataset.items["raw_id"].to_list())
     plot = plot_codebook_usage(m["codes"].cpu(), model.codebook_sizes, out / "codebook_usage.png")
     logger.log_image("codebook_usage", plot, step=step)
     groups = plot_group_sizes(collision_group_sizes(m["codes"].cpu()), out / "collision_groups.png")
@@ -236,6 +247,7 @@ def train_rqvae(
     result = {
         "dataset": dataset.name,
         "quantizer": type(model).__name__,
+        **({"opq_backend": quantizer.backend} if isinstance(quantizer, OPQConfig) else {}),  # faiss or numpy
         "num_items": len(emb),
         "steps": step,
         "selected_step": best["step"] if best is not None and select_by == "collision" else step,

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from modules.plots import draw_text, write_png
 from modules.quantizers.fsq import FSQConfig, FSQTokenizer
 from modules.quantizers.hidvae import HiDVAE, HiDVAEConfig
+from modules.quantizers.opq import OPQConfig, OPQTokenizer
 from modules.quantizers.rqkmeans import RQKMeans, RQKMeansConfig
 from modules.quantizers.rqvae import RQVAE, RQVAEConfig
 
@@ -39,6 +40,7 @@ QUANTIZERS: dict[str, tuple[type[nn.Module], type]] = {
     "rqkmeans": (RQKMeans, RQKMeansConfig),
     "fsq": (FSQTokenizer, FSQConfig),
     "hidvae": (HiDVAE, HiDVAEConfig),  # wraps an RQVAE (not a subclass), so the isinstance lookup is unambiguous
+    "opq": (OPQTokenizer, OPQConfig),  # RPG: n unordered codes, saved without a dedup level
 }
 
 

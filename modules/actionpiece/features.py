@@ -17,18 +17,28 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def fit_pca(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PCA of the rows of ``x`` (N, D): (mean (D,), components (k, D) with orthonormal rows,
+    std (k,) of the data along each), k = min(n_components, N, D). The whitened projection
+    is ``(x - mean) @ components.T / std`` (sklearn ``PCA(whiten=True)``)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be (N, D), got shape {x.shape}")
+    n_components = min(n_components, x.shape[0], x.shape[1])
+    mean = x.mean(0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    std = s[:n_components] / max(x.shape[0] - 1, 1) ** 0.5
+    return mean, vt[:n_components], std
+
+
 def pca_whiten(emb: np.ndarray, n_components: int = 128, fit_rows: np.ndarray | None = None) -> np.ndarray:
     """Project on the top principal components, scaled to unit variance (sklearn
     ``PCA(whiten=True)``), fitted on ``fit_rows`` (default: all rows)."""
     x = np.asarray(emb, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"embeddings must be (N, D), got shape {x.shape}")
-    fit = x if fit_rows is None else x[np.asarray(fit_rows)]
-    n_components = min(n_components, fit.shape[0], fit.shape[1])
-    mean = fit.mean(0)
-    _, s, vt = np.linalg.svd(fit - mean, full_matrices=False)
-    std = s[:n_components] / max(fit.shape[0] - 1, 1) ** 0.5
-    return ((x - mean) @ vt[:n_components].T / np.maximum(std, 1e-12)).astype(np.float32)
+    mean, components, std = fit_pca(x if fit_rows is None else x[np.asarray(fit_rows)], n_components)
+    return ((x - mean) @ components.T / np.maximum(std, 1e-12)).astype(np.float32)
 
 
 # numpy rather than torch below: k-means is many small ops, and torch's per-op thread
