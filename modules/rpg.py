@@ -48,6 +48,10 @@ class RPGConfig:
     d_ff: int = 512
     dropout: float = 0.2
     temperature: float = 0.03  # the paper's, on every dataset
+    # An item's input is the mean of its n token embeddings (the paper) times this factor. The
+    # mean of n independent N(0, 0.02) rows is ~sqrt(n) times smaller than the position
+    # embeddings at initialisation; input_scale = n ** 0.5 evens them out (None: 1, the paper's).
+    input_scale: float | None = None
     activation: str = "gelu"
     pre_norm: bool = True  # modules.sasrec.Block reads it (RPG is always pre-LN)
     eps: float = 1e-6
@@ -125,8 +129,9 @@ class RPG(nn.Module):
 
     def item_inputs(self, items: torch.Tensor) -> torch.Tensor:
         """(..., ) item_ids -> (..., d): the mean of each item's n token embeddings."""
-        return F.embedding_bag(self.item_tokens[items.reshape(-1)], self.token_embed.weight,
-                               mode="mean").view(*items.shape, -1)
+        x = F.embedding_bag(self.item_tokens[items.reshape(-1)], self.token_embed.weight, mode="mean")
+        x = x if self.config.input_scale is None else x * self.config.input_scale
+        return x.view(*items.shape, -1)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         S = items.shape[1]
@@ -155,10 +160,16 @@ class RPG(nn.Module):
 
     def last_states(self, history: torch.Tensor) -> torch.Tensor:
         """(B, H) histories, -1 padded at the end (at least one item each) -> (B, d) last states."""
-        last = (history >= 0).sum(1) - 1
-        if (last < 0).any():
+        lengths = (history >= 0).sum(1)
+        if (lengths == 0).any():
             raise ValueError("modules/rpg.py: RPG got an empty history")
-        return self(history)[torch.arange(len(history), device=history.device), last]
+        # Rows of similar length together, each chunk cut to its longest history: padding sits
+        # at the end behind a causal mask, so the states are the same, without most of the padding.
+        out = torch.empty(len(history), self.config.d_model, device=history.device)
+        for sel, width in length_chunks(lengths, 64):
+            states = self(history[sel, :width])
+            out[sel] = states[torch.arange(len(sel), device=history.device), lengths[sel] - 1].float()
+        return out
 
     def item_scores(self, log_probs: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n, K) log-probabilities -> (B, N) scores of ``items`` (default: the catalogue),
