@@ -70,7 +70,7 @@ def load(category: str = "Beauty", path: str | Path | None = None, cache_dir: st
 
 def read_reviews(path: Path) -> pl.DataFrame:
     raw = read_bytes(path)
-    df = parse_json_lines(path, raw, ["reviewerID", "asin", "unixReviewTime"])
+    df = parse_json_lines(path, raw, {"reviewerID": pl.String, "asin": pl.String, "unixReviewTime": pl.Int64})
     return df.select(
         pl.col("reviewerID").cast(pl.String).alias("user"),
         pl.col("asin").cast(pl.String).alias("item"),
@@ -80,8 +80,9 @@ def read_reviews(path: Path) -> pl.DataFrame:
 
 
 def _flatten_categories(value) -> str | None:
-    """``[["Beauty", "Makeup"], ["Beauty", "Nails"]]`` -> "Beauty, Makeup, Nails" (first occurrence order)."""
-    if not value:
+    """``[["Beauty", "Makeup"], ["Beauty", "Nails"]]`` -> "Beauty, Makeup, Nails" (first occurrence
+    order); anything but a list of lists (or of names) is no categories."""
+    if not isinstance(value, (list, tuple)):
         return None
     seen: dict[str, None] = {}
     for path in value:
@@ -90,36 +91,54 @@ def _flatten_categories(value) -> str | None:
     return ", ".join(seen) or None
 
 
+def _price(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond a float
+        return None
+
+
+def _text(value) -> str | None:
+    """A text field: a string, else missing (a number or a list is not a title)."""
+    return value if isinstance(value, str) else None
+
+
 def read_meta(path: Path, wanted: set[str] | None = None) -> pl.DataFrame:
-    """Parse a 2014 meta file (Python-literal lines; strict JSON lines also accepted)."""
+    """Parse a 2014 meta file (Python-literal lines; strict JSON lines also accepted). Lines are
+    counted by ``\\n``. A record needs a string ``asin``; text fields that are not strings and
+    prices that are not numbers count as missing."""
     raw = read_bytes(path)
     rows = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
         if not line.strip():
             continue
         if wanted is not None:
             m = _ASIN_RE.search(line)
-            if m is not None and m.group(1).decode() not in wanted:
+            if m is not None and m.group(1).decode(errors="replace") not in wanted:
                 continue
         text = line.decode("utf-8", errors="replace")
         try:
             record = json.loads(text)
-        except json.JSONDecodeError:
+        except ValueError:
             try:
                 record = ast.literal_eval(text)
-            except (ValueError, SyntaxError) as e:
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
                 raise DataFormatError(f"{path}:{lineno}: malformed meta record ({e.__class__.__name__}: {e})") from None
-        if not isinstance(record, dict) or "asin" not in record:
-            raise DataFormatError(f"{path}:{lineno}: meta record has no 'asin' field")
+        if not isinstance(record, dict) or not isinstance(record.get("asin"), str):
+            raise DataFormatError(f"{path}:{lineno}: meta record has no 'asin' field (a string)")
         price = record.get("price")
         rows.append({
-            "raw_id": str(record["asin"]),
-            "title": record.get("title"),
-            "brand": record.get("brand"),
+            "raw_id": record["asin"],
+            "title": _text(record.get("title")),
+            "brand": _text(record.get("brand")),
             "categories": _flatten_categories(record.get("categories")),
-            "price": float(price) if isinstance(price, (int, float)) else None,
-            "description": record.get("description") if isinstance(record.get("description"), str) else None,
+            "price": _price(price),
+            "description": _text(record.get("description")),
         })
     if not rows:
         return empty_items()
-    return conform_items(pl.DataFrame(rows, infer_schema_length=None))
+    return conform_items(pl.DataFrame(rows, schema={"raw_id": pl.String, "title": pl.String, "brand": pl.String,
+                                                    "categories": pl.String, "price": pl.Float64,
+                                                    "description": pl.String}))

@@ -26,7 +26,6 @@ needed fields; meta lines of items outside the review file are skipped before pa
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import re
 import zlib
@@ -37,7 +36,8 @@ import polars as pl
 
 from data.download import fetch
 from data.sources.base import (
-    DataFormatError, RawData, conform_items, default_cache_dir, empty_items, find_file, reviews_and_meta,
+    JSON_SPACE, DataFormatError, RawData, conform_items, default_cache_dir, empty_items, find_file, read_json_block,
+    reviews_and_meta,
 )
 
 # The release's host (links on amazon-reviews-2023.github.io and the Hugging Face card);
@@ -99,6 +99,12 @@ def load(category: str = "Musical_Instruments", path: str | Path | None = None,
 # Reading
 
 
+def _drain(blocks: Iterator) -> None:
+    """Read a :func:`_line_blocks` stream to its end: raises its gzip error, if it has one."""
+    for _ in blocks:
+        pass
+
+
 def _line_blocks(path: Path, block_bytes: int) -> Iterator[tuple[int, list[bytes]]]:
     """(number of the block's first line, its lines), streaming through gzip when ``.gz``."""
     path = Path(path)
@@ -115,45 +121,21 @@ def _line_blocks(path: Path, block_bytes: int) -> Iterator[tuple[int, list[bytes
         raise DataFormatError(f"{path}: not a valid gzip file ({e}); delete it and download again") from e
 
 
-def _check_review_line(path: Path, lineno: int, line: bytes) -> None:
-    """Raise the precise error for one review line, if it has one."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise DataFormatError(f"{path}:{lineno}: not UTF-8 ({e})") from None
-    if not isinstance(record, dict):
-        raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-    for name in REVIEW_FIELDS:
-        if record.get(name) is None:
-            raise DataFormatError(f"{path}:{lineno}: field '{name}' is missing or null")
-    ts = record["timestamp"]
-    if isinstance(ts, bool) or not isinstance(ts, int):
-        raise DataFormatError(f"{path}:{lineno}: field 'timestamp' must be an integer (unix ms), got {ts!r}")
-
-
 def read_reviews(path: Path, block_bytes: int = BLOCK_BYTES) -> pl.DataFrame:
-    """A review file -> events (``user`` = user_id, ``item`` = parent_asin, ``timestamp`` in ms)."""
+    """A review file -> events (``user`` = user_id, ``item`` = parent_asin, ``timestamp`` in ms).
+    Each block of lines is parsed by polars; a malformed line, a missing or null field, or a
+    field of the wrong JSON type is reported by file and line (:func:`read_json_block`)."""
     path = Path(path)
     frames = []
-    for first, lines in _line_blocks(path, block_bytes):
-        if not any(line.strip() for line in lines):  # blank lines only (polars 1.x panics on them)
+    blocks = _line_blocks(path, block_bytes)
+    for first, lines in blocks:
+        if not any(line.strip(JSON_SPACE) for line in lines):  # blank lines only (polars 1.x panics on them)
             continue
         try:
-            df = pl.read_ndjson(io.BytesIO(b"".join(lines)), schema=REVIEW_FIELDS)
-        except Exception as polars_error:  # noqa: BLE001 - re-raised below with file and line
-            for k, line in enumerate(lines):
-                if line.strip():
-                    _check_review_line(path, first + k, line)
-            raise DataFormatError(f"{path}: lines {first}-{first + len(lines) - 1}: could not parse JSON lines "
-                                  f"({polars_error})") from polars_error
-        if df.select(pl.any_horizontal(pl.all().is_null()).any()).item():
-            # polars skips blank lines, so row != line: find the line itself
-            for k, line in enumerate(lines):
-                if line.strip():
-                    _check_review_line(path, first + k, line)
-        frames.append(df)
+            frames.append(read_json_block(path, first, lines, REVIEW_FIELDS))
+        except DataFormatError:
+            _drain(blocks)  # a damaged gzip stream garbles lines: report it, not the line it broke
+            raise
     events = pl.concat(frames) if frames else pl.DataFrame(schema=REVIEW_FIELDS)
     if events.height == 0:
         raise DataFormatError(f"{path}: file is empty")
@@ -166,14 +148,13 @@ def read_reviews(path: Path, block_bytes: int = BLOCK_BYTES) -> pl.DataFrame:
 
 
 def _strings(value) -> list[str]:
-    """A str or a list of them (upstream uses both) -> the non-empty strings."""
-    if value is None:
-        return []
+    """A str or a list of them (upstream uses both) -> the non-empty strings (anything else in
+    the list, a number or a nested list, is not text and is left out)."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
         return []
-    return [s for s in (str(v).strip() for v in value if v is not None) if s]
+    return [s for s in (v.strip() for v in value if isinstance(v, str)) if s]
 
 
 def _price(value) -> float | None:
@@ -182,7 +163,11 @@ def _price(value) -> float | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, (int, float)):
-        return float(value) if value == value else None
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond a float
+            return None
+        return value if value == value and abs(value) != float("inf") else None
     if isinstance(value, str):
         m = _PRICE_RE.fullmatch(value.strip())
         if m:
@@ -194,7 +179,7 @@ def _details(value) -> dict:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return {}  # free-form and optional: an unparsable string is just no details
     return value if isinstance(value, dict) else {}
 
@@ -204,40 +189,14 @@ def read_meta(path: Path, wanted: set[str] | None = None) -> pl.DataFrame:
     path = Path(path)
     rows = []
     seen_line = False
-    for first, lines in _line_blocks(path, BLOCK_BYTES):
-        for k, line in enumerate(lines):
-            if not line.strip():
-                continue
-            seen_line = True
-            lineno = first + k
-            if wanted is not None:
-                # Cheap pre-filter; an escaped quote inside a string value cannot match.
-                m = _PARENT_RE.search(line)
-                if m is not None and m.group(1).decode("utf-8", errors="replace") not in wanted:
-                    continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataFormatError(f"{path}:{lineno}: malformed meta record ({e.__class__.__name__}: {e})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("parent_asin"), str):
-                raise DataFormatError(f"{path}:{lineno}: meta record has no 'parent_asin' field")
-            if wanted is not None and record["parent_asin"] not in wanted:
-                continue
-            details = _details(record.get("details"))
-            title = record.get("title")
-            brand = record.get("store") if isinstance(record.get("store"), str) else None
-            if not (brand or "").strip():
-                brand = details.get("Brand") if isinstance(details.get("Brand"), str) else None
-            categories = _strings(record.get("categories")) or _strings(record.get("main_category"))
-            text = _strings(record.get("description")) + _strings(record.get("features"))
-            rows.append({
-                "raw_id": record["parent_asin"],
-                "title": title if isinstance(title, str) else None,
-                "brand": brand,
-                "categories": ", ".join(dict.fromkeys(categories)) or None,
-                "price": _price(record.get("price")),
-                "description": " ".join(text) or None,
-            })
+    blocks = _line_blocks(path, BLOCK_BYTES)
+    for first, lines in blocks:
+        try:
+            _meta_rows(path, first, lines, wanted, rows)
+        except DataFormatError:
+            _drain(blocks)  # a damaged gzip stream garbles lines: report it, not the line it broke
+            raise
+        seen_line = seen_line or any(line.strip() for line in lines)
     if not seen_line:
         raise DataFormatError(f"{path}: file is empty")
     if not rows:
@@ -245,3 +204,39 @@ def read_meta(path: Path, wanted: set[str] | None = None) -> pl.DataFrame:
     return conform_items(pl.DataFrame(rows, schema={"raw_id": pl.String, "title": pl.String, "brand": pl.String,
                                                     "categories": pl.String, "price": pl.Float64,
                                                     "description": pl.String}))
+
+
+def _meta_rows(path: Path, first: int, lines: list[bytes], wanted: set[str] | None, rows: list[dict]) -> None:
+    """The item rows of one block of meta lines (the first numbered ``first``), appended to ``rows``."""
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        lineno = first + k
+        if wanted is not None:
+            # Cheap pre-filter; an escaped quote inside a string value cannot match.
+            m = _PARENT_RE.search(line)
+            if m is not None and m.group(1).decode("utf-8", errors="replace") not in wanted:
+                continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits
+            raise DataFormatError(f"{path}:{lineno}: malformed meta record ({e.__class__.__name__}: {e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("parent_asin"), str):
+            raise DataFormatError(f"{path}:{lineno}: meta record has no 'parent_asin' field")
+        if wanted is not None and record["parent_asin"] not in wanted:
+            continue
+        details = _details(record.get("details"))
+        title = record.get("title")
+        brand = record.get("store") if isinstance(record.get("store"), str) else None
+        if not (brand or "").strip():
+            brand = details.get("Brand") if isinstance(details.get("Brand"), str) else None
+        categories = _strings(record.get("categories")) or _strings(record.get("main_category"))
+        text = _strings(record.get("description")) + _strings(record.get("features"))
+        rows.append({
+            "raw_id": record["parent_asin"],
+            "title": title if isinstance(title, str) else None,
+            "brand": brand,
+            "categories": ", ".join(dict.fromkeys(categories)) or None,
+            "price": _price(record.get("price")),
+            "description": " ".join(text) or None,
+        })

@@ -19,6 +19,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,7 +102,7 @@ def read_bytes(path: Path) -> bytes:
     if path.suffix == ".gz":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise DataFormatError(f"{path}: not a valid gzip file ({e}); delete it and download again") from e
     if not raw.strip():
         raise DataFormatError(f"{path}: file is empty")
@@ -116,32 +118,81 @@ def find_file(folder: Path, *names: str) -> Path | None:
     return None
 
 
-def parse_json_lines(path: Path, raw: bytes, columns: list[str]) -> pl.DataFrame:
-    """Strict JSON lines -> DataFrame with ``columns``; errors name file, line and field.
+_INT64 = range(-(2 ** 63), 2 ** 63)
+JSON_SPACE = b" \t\r\n"  # what JSON counts as whitespace: a line of these alone is blank
 
-    polars parses the whole file at native speed; only when it fails do we walk the lines
-    in Python to find and report the first bad one.
-    """
+
+def json_line_error(line: bytes, schema: dict[str, pl.DataType]) -> str | None:
+    """What is wrong with one JSON line (None: nothing) given the fields a reader needs:
+    ``schema`` maps each to ``pl.String`` (a JSON string) or ``pl.Int64`` (a JSON integer)."""
     try:
-        df = pl.read_ndjson(io.BytesIO(raw), infer_schema_length=None)
-    except Exception as polars_error:  # noqa: BLE001 - re-raised below with a better message
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        raise DataFormatError(f"{path}: could not parse JSON lines ({polars_error})") from polars_error
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise DataFormatError(f"{path}: missing field(s) {missing}; found {df.columns}")
-    for c in columns:
-        nulls = df[c].is_null()
-        if nulls.any():
-            lineno = int(nulls.arg_max()) + 1
-            raise DataFormatError(f"{path}:{lineno}: field '{c}' is missing or null")
-    return df.select(columns)
+        record = json.loads(line)
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 ({e})"
+    except json.JSONDecodeError as e:
+        return f"malformed JSON ({e.msg} at column {e.colno})"
+    except ValueError as e:  # e.g. an integer with too many digits
+        return f"malformed JSON ({e})"
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    for name, dtype in schema.items():
+        value = record.get(name)
+        if value is None:
+            return f"field '{name}' is missing or null"
+        if dtype == pl.String and not isinstance(value, str):
+            return f"field '{name}' must be a string, got {value!r:.40}"
+        if dtype == pl.Int64 and (isinstance(value, bool) or not isinstance(value, int) or value not in _INT64):
+            return f"field '{name}' must be an integer, got {value!r:.40}"
+    return None
+
+
+def first_bad_json_line(path: Path, first: int, lines: list[bytes], schema: dict[str, pl.DataType]) -> None:
+    """Raise :class:`DataFormatError` for the first malformed line of ``lines`` (numbered from
+    ``first``; blank lines are skipped, as the JSON-lines readers skip them)."""
+    for k, line in enumerate(lines):
+        if line.strip(JSON_SPACE):
+            error = json_line_error(line, schema)
+            if error is not None:
+                raise DataFormatError(f"{path}:{first + k}: {error}")
+
+
+def read_json_block(path: Path, first: int, lines: list[bytes], schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """JSON lines (``lines``, split at ``\\n``, the first numbered ``first``) -> the ``schema``
+    fields, parsed by polars at native speed. Other fields may hold anything. Any line polars
+    fails on, a missing or null field, or a string field holding another JSON type (which
+    polars would turn into its text: ``true`` -> "true") is reported by line from a check of
+    the lines in Python (:func:`json_line_error`)."""
+    data = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = first + data.count(b"\n", 0, e.start)
+        raise DataFormatError(f"{path}:{lineno}: not UTF-8 (byte {data[e.start]:#04x})") from None
+    try:
+        df = pl.read_ndjson(io.BytesIO(data), schema=schema)
+    except Exception as polars_error:  # noqa: BLE001 - re-raised below with file and line
+        first_bad_json_line(path, first, lines, schema)
+        raise DataFormatError(f"{path}: lines {first}-{first + len(lines) - 1}: could not parse JSON lines "
+                              f"({polars_error})") from polars_error
+    text = pl.Series(data.decode("utf-8").split("\n")[: len(lines)])
+    blank = text.str.strip_chars(JSON_SPACE.decode()) == ""
+    suspect = pl.Series([False] * len(lines)) if df.height == int((~blank).sum()) else ~blank
+    for name, dtype in schema.items():
+        if dtype == pl.String:  # a string value: the key followed by an opening quote
+            suspect = suspect | (~blank & ~text.str.contains(rf'"{re.escape(name)}"\s*:\s*"'))
+    if df.select(pl.any_horizontal(pl.all().is_null()).any()).item() or suspect.any():
+        first_bad_json_line(path, first, lines, schema)
+    return df
+
+
+def parse_json_lines(path: Path, raw: bytes, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """Strict JSON lines -> DataFrame of the ``schema`` fields; errors name file, line and field
+    (:func:`read_json_block`; lines are counted by ``\\n``, blank lines skipped)."""
+    lines = raw.split(b"\n")
+    df = read_json_block(path, 1, lines, schema)
+    if df.height == 0:
+        raise DataFormatError(f"{path}: file is empty")
+    return df
 
 
 def fingerprint(files: list[Path]) -> str:

@@ -8,8 +8,11 @@ name ("Matrix, The", "Misérables, Les"): the year goes to ``year``, the article
 
 from __future__ import annotations
 
+import csv
 import io
+import math
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -124,45 +127,119 @@ def _split_title(titles: pl.Expr) -> list[pl.Expr]:
 
 def _read_table(path: Path, separator: str, names: list[str], encoding: str = "utf8",
                 has_header: bool = False) -> pl.DataFrame:
+    """A MovieLens table as strings: CSV with a header (``has_header``), or lines of exactly
+    ``len(names)`` fields split at ``separator`` (no quoting), with a ``lineno`` column (lines
+    counted by ``\\n``; blank lines skipped). Errors name the file and the line."""
     raw = read_bytes(path)
-    if encoding != "utf8":
-        raw = raw.decode(encoding).encode("utf8")
-    if len(separator) > 1:  # polars wants one byte; "::" never occurs inside ML-1M fields
-        raw = raw.replace(separator.encode(), b"\x1f")
-        separator = "\x1f"
-    try:
-        df = pl.read_csv(io.BytesIO(raw), separator=separator, has_header=has_header,
-                         infer_schema=False, quote_char=None if not has_header else '"')
-    except pl.exceptions.PolarsError as e:
-        raise DataFormatError(f"{path}: cannot parse ({e})") from e
     if has_header:
-        missing = [c for c in names if c not in df.columns]
+        return _read_csv_table(path, raw, names)
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise DataFormatError(f"{path}:{lineno}: not {encoding} text (byte {raw[e.start]:#04x})") from None
+    lines = pl.DataFrame({"line": text.split("\n")}).with_row_index("lineno", offset=1).with_columns(
+        pl.col("line").str.strip_suffix("\r"))
+    lines = lines.filter(pl.col("line").str.strip_chars(" \t\r") != "")
+    fields = lines.select("lineno", pl.col("line").str.split(separator).alias("f"))
+    wrong = fields.filter(pl.col("f").list.len() != len(names))
+    if wrong.height:
+        row = wrong.row(0, named=True)
+        raise DataFormatError(f"{path}:{row['lineno']}: expected {len(names)} fields separated by {separator!r}, "
+                              f"got {len(row['f'])}")
+    return fields.select("lineno", *(pl.col("f").list.get(i).alias(n) for i, n in enumerate(names)))
+
+
+def _read_csv_table(path: Path, raw: bytes, names: list[str]) -> pl.DataFrame:
+    """A CSV file with a header naming (at least) ``names``: the header's fields, as strings,
+    one row per record; the first malformed record (a field count other than the header's,
+    a stray quote, text that is not UTF-8) is reported by line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise DataFormatError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+    rows, starts = [], []
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader)
+        missing = [c for c in names if c not in header]
         if missing:
-            raise DataFormatError(f"{path}: missing column(s) {missing}; header has {df.columns}")
-        return df.select(names)
-    if df.width < len(names):
-        raise DataFormatError(f"{path}:1: expected {len(names)} fields separated by {separator!r}, got {df.width}")
-    return df.select(df.columns[: len(names)]).rename(dict(zip(df.columns, names)))
+            raise DataFormatError(f"{path}:1: missing column(s) {missing}; header has {header}")
+        last = reader.line_num
+        for record in reader:
+            if record and any(f.strip() for f in record):  # blank lines carry no record
+                if len(record) != len(header):
+                    raise DataFormatError(f"{path}:{last + 1}: expected {len(header)} fields as in the header, "
+                                          f"got {len(record)}")
+                rows.append(record)
+                starts.append(last + 1)
+            last = reader.line_num
+    except csv.Error as e:
+        raise DataFormatError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    except StopIteration:
+        raise DataFormatError(f"{path}: file is empty") from None
+    cols = {c: header.index(c) for c in names}
+    return pl.DataFrame({"lineno": starts, **{c: [r[i] for r in rows] for c, i in cols.items()}},
+                        schema={"lineno": pl.Int64, **{c: pl.String for c in names}})
+
+
+# Numeric fields (spaces or tabs around them allowed): ids are unsigned integers.
+_ID = r"^[ \t]*[0-9]+[ \t]*$"
+_NUMBER = r"^[ \t]*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t]*$"
+_INTEGER = r"^[ \t]*[+-]?[0-9]+[ \t]*$"
+
+
+def _genres(col: pl.Expr) -> pl.Expr:
+    """"Drama|Musical" -> "Drama, Musical" (empty names dropped; none: null)."""
+    names = col.str.split("|").list.eval(pl.element().str.strip_chars(" \t")).list.eval(
+        pl.element().filter(pl.element() != ""))
+    return pl.when(names.list.len() > 0).then(names.list.join(", ")).alias("genres")
+
+
+def _first_bad(df: pl.DataFrame, path: Path, checks: list[tuple[str, str, str]], what_line: str = "") -> None:
+    """Raise for the first line whose field ``name`` does not match ``pattern`` (``what`` it
+    must be); the checks run in field order, the earliest bad line wins."""
+    worst = None
+    for name, pattern, what in checks:
+        bad = df.filter(~pl.col(name).str.contains(pattern))
+        if bad.height and (worst is None or bad["lineno"][0] < worst[0]):
+            worst = (bad["lineno"][0], name, what, bad[name][0])
+    if worst is not None:
+        lineno, name, what, value = worst
+        raise DataFormatError(f"{path}:{lineno}: {what_line}field '{name}' must be {what}, got {value!r}")
 
 
 def _ratings(df: pl.DataFrame, path: Path) -> pl.DataFrame:
+    _first_bad(df, path, [("user", _ID, "an integer id"), ("item", _ID, "an integer id"),
+                          ("rating", _NUMBER, "a number"), ("timestamp", _INTEGER, "an integer")],
+               "malformed rating record: ")
     out = df.select(
-        pl.col("user").str.strip_chars(), pl.col("item").str.strip_chars(),
-        pl.col("rating").cast(pl.Float64, strict=False),
-        pl.col("timestamp").str.strip_chars().cast(pl.Int64, strict=False),
+        "lineno", pl.col("user").str.strip_chars(" \t"), pl.col("item").str.strip_chars(" \t"),
+        pl.col("rating").str.strip_chars(" \t").cast(pl.Float64, strict=False),
+        pl.col("timestamp").str.strip_chars(" \t").cast(pl.Int64, strict=False),
         pl.int_range(pl.len(), dtype=pl.Int64).alias("order"),
     )
-    null_rows = out.select(pl.any_horizontal(pl.all().is_null()).alias("bad"))["bad"]
-    if null_rows.any():
-        row = int(null_rows.arg_max())
-        raise DataFormatError(f"{path}:{row + 1}: malformed rating record {df.row(row)}")
-    return out
+    bad = out.filter(pl.col("timestamp").is_null() | ~pl.col("rating").is_finite())
+    if bad.height:  # digits beyond an i64, or a number beyond a float
+        row = df.filter(pl.col("lineno") == bad["lineno"][0]).row(0, named=True)
+        raise DataFormatError(f"{path}:{row['lineno']}: malformed rating record (rating {row['rating']!r}, "
+                              f"timestamp {row['timestamp']!r}: out of range)")
+    if out.height == 0:
+        raise DataFormatError(f"{path}: file is empty (blank lines only)")
+    return out.drop("lineno")
+
+
+def _movie_ids(movies: pl.DataFrame, path: Path) -> pl.DataFrame:
+    _first_bad(movies, path, [("raw_id", _ID, "an integer id")])
+    return movies.with_columns(pl.col("raw_id").str.strip_chars(" \t"))
 
 
 def _read_100k(folder: Path):
     ratings = _read_table(_need(folder, "u.data"), "\t", ["user", "item", "rating", "timestamp"])
     movies = _read_table(_need(folder, "u.item"), "|", ["raw_id", "raw_title", "release", "video", "url",
                                                         *_ML100K_GENRES], encoding="latin-1")
+    movies = _movie_ids(movies, folder / "u.item")
     genres = pl.concat_list([pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in _ML100K_GENRES]).list.drop_nulls()
     items = movies.select("raw_id", *_split_title(pl.col("raw_title")), genres.list.join(", ").alias("genres"))
     return _ratings(ratings, folder / "u.data"), items, [folder / "u.data", folder / "u.item"]
@@ -172,60 +249,104 @@ def _read_dat(folder: Path):
     ratings_path = _need(folder, "ratings.dat")
     ratings = _read_table(ratings_path, "::", ["user", "item", "rating", "timestamp"])
     movies = _read_table(_need(folder, "movies.dat"), "::", ["raw_id", "raw_title", "genres"], encoding="latin-1")
-    items = movies.select("raw_id", *_split_title(pl.col("raw_title")),
-                          pl.col("genres").str.replace_all("|", ", ", literal=True))
+    movies = _movie_ids(movies, folder / "movies.dat")
+    items = movies.select("raw_id", *_split_title(pl.col("raw_title")), _genres(pl.col("genres")))
     return _ratings(ratings, ratings_path), items, [ratings_path, folder / "movies.dat"]
 
 
 # ratings.csv of the CSV releases. Ids fit 32 bits (ML-32M: users to 200,948, movies to
 # 292,757): half the memory of i64 for 32M rows; a larger id is a parse error naming its line.
+# Fields are plain (MovieLens never quotes them); a number may have leading spaces.
 _RATINGS_SCHEMA = {"userId": pl.Int32, "movieId": pl.Int32, "rating": pl.Float64, "timestamp": pl.Int64}
+_CSV_INT = re.compile(r" *[+-]?[0-9]+")
+_CSV_NUMBER = re.compile(r" *[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def _bad_ratings_line(path: Path) -> str:
     """The first malformed data line of a ratings.csv, as ``path:line: what`` (only called after
-    the fast typed read failed or found a missing value, so its cost does not matter)."""
-    lines = pl.read_csv(path, has_header=False, skip_rows=1, separator="\x1f", quote_char=None,
-                        schema={"line": pl.String})["line"]
-    fields = lines.str.split(",")
-    blank = lines.str.strip_chars().fill_null("") == ""  # skipped by the reader, not an error
-    checks = [(fields.list.len() != len(_RATINGS_SCHEMA), f"expected {len(_RATINGS_SCHEMA)} fields")]
-    for i, (name, dtype) in enumerate(_RATINGS_SCHEMA.items()):
-        kind = {pl.Int32: "an integer below 2^31", pl.Int64: "an integer", pl.Float64: "a number"}[dtype]
-        value = fields.list.get(i, null_on_oob=True).cast(dtype, strict=False)
-        checks.append((value.is_null(), f"field '{name}' must be {kind}"))
-    for bad, what in checks:
-        bad = bad & ~blank
-        if bad.any():
-            row = int(bad.arg_max())
-            return f"{path}:{row + 2}: {what}, got {lines[row]!r}"
+    the fast typed read failed or found a missing or non-finite value, so its cost does not
+    matter). Lines are counted by ``\\n``; blank lines are skipped, as the reader skips them."""
+    raw = path.read_bytes()
+    for lineno, line in enumerate(raw.split(b"\n")[1:], 2):
+        line = line.removesuffix(b"\r")
+        if not line.strip(b" \t\r"):
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"{path}:{lineno}: not UTF-8 text, got {line!r}"
+        fields = text.split(",")
+        if len(fields) != len(_RATINGS_SCHEMA):
+            return f"{path}:{lineno}: expected {len(_RATINGS_SCHEMA)} fields, got {text!r}"
+        for value, (name, dtype) in zip(fields, _RATINGS_SCHEMA.items()):
+            if dtype == pl.Float64:
+                ok = _CSV_NUMBER.fullmatch(value) is not None and math.isfinite(float(value))
+                kind = "a number"
+            else:
+                bits = 31 if dtype == pl.Int32 else 63
+                ok = _CSV_INT.fullmatch(value) is not None and -(2 ** bits) <= int(value) < 2 ** bits
+                kind = "an integer below 2^31" if dtype == pl.Int32 else "an integer"
+            if not ok:
+                return f"{path}:{lineno}: field '{name}' must be {kind}, got {text!r}"
     return f"{path}: malformed ratings"
+
+
+def _has_stray_cr(path: Path, block: int = 1 << 26) -> bool:
+    """Whether the file holds a carriage return that does not end a line (read in blocks)."""
+    with open(path, "rb") as f:
+        tail = b""
+        while chunk := f.read(block):
+            data = tail + chunk
+            i = data.find(b"\r")
+            while i >= 0:
+                if i + 1 == len(data):  # the next block decides
+                    break
+                if data[i + 1] != 0x0A:
+                    return True
+                i = data.find(b"\r", i + 1)
+            tail = data[-1:] if data.endswith(b"\r") else b""
+        return False  # (a \r at the very end of the file ends its last line)
 
 
 def _read_csv(folder: Path):
     ratings_path = _need(folder, "ratings.csv")
+    with open(ratings_path, "rb") as f:
+        first = f.readline()
     try:
-        head = ratings_path.open().readline().strip().split(",")
+        head = first.decode("utf-8").removesuffix("\n").removesuffix("\r").split(",")
     except UnicodeDecodeError as e:
         raise DataFormatError(f"{ratings_path}:1: not UTF-8 text") from e
     expected = list(_RATINGS_SCHEMA)
     if head != expected:
         raise DataFormatError(f"{ratings_path}:1: expected header {expected}, got {head}")
     try:  # typed, multi-threaded parse straight into narrow columns (no string stage)
-        events = (pl.scan_csv(ratings_path, schema=_RATINGS_SCHEMA, has_header=True).with_row_index("order")
-                  .collect())
+        events = (pl.scan_csv(ratings_path, schema=_RATINGS_SCHEMA, has_header=True, quote_char=None)
+                  .with_row_index("order").collect())
     except pl.exceptions.PolarsError as e:
         raise DataFormatError(_bad_ratings_line(ratings_path)) from e
     if events.null_count().sum_horizontal().item():  # blank lines, empty fields, short lines: nulls
         events = events.filter(~pl.all_horizontal(pl.exclude("order").is_null()))  # blank lines are skipped
         if events.null_count().sum_horizontal().item():
             raise DataFormatError(_bad_ratings_line(ratings_path))
+    if not events["rating"].is_finite().all():  # "NaN", "inf": numbers to polars, not ratings
+        raise DataFormatError(_bad_ratings_line(ratings_path))
+    if _has_stray_cr(ratings_path):  # "4.0\r,..." parses as 4.0 in polars: a damaged line all the same
+        raise DataFormatError(_bad_ratings_line(ratings_path))
+    if events.height == 0:
+        raise DataFormatError(f"{ratings_path}: file is empty (a header and no ratings)")
     events = events.select(pl.col("userId").alias("user"), pl.col("movieId").alias("item"), "rating", "timestamp",
-                           pl.col("order").cast(pl.Int64))
-    movies = _read_table(_need(folder, "movies.csv"), ",", ["movieId", "title", "genres"], has_header=True)
+                           pl.int_range(pl.len(), dtype=pl.Int64).alias("order"))  # (blank lines dropped)
+    movies_path = _need(folder, "movies.csv")
+    movies = _read_table(movies_path, ",", ["movieId", "title", "genres"], has_header=True)
+    _first_bad(movies, movies_path, [("movieId", _ID, "an integer id")])
+    too_big = movies.filter(pl.col("movieId").str.strip_chars(" \t").cast(pl.Int64, strict=False)
+                            .fill_null(2 ** 31) >= 2 ** 31)  # the ids of ratings.csv are 32-bit
+    if too_big.height:
+        raise DataFormatError(f"{movies_path}:{too_big['lineno'][0]}: field 'movieId' must be an integer below 2^31, "
+                              f"got {too_big['movieId'][0]!r}")
     items = movies.select(
-        pl.col("movieId").cast(pl.Int64).alias("raw_id"), *_split_title(pl.col("title")),
-        pl.when(pl.col("genres") == "(no genres listed)").then(None)
-        .otherwise(pl.col("genres").str.replace_all("|", ", ", literal=True)).alias("genres"),
+        pl.col("movieId").str.strip_chars(" \t").cast(pl.Int64, strict=False).alias("raw_id"),
+        *_split_title(pl.col("title")),
+        _genres(pl.when(pl.col("genres") != "(no genres listed)").then(pl.col("genres"))),
     )
-    return events, items, [ratings_path, folder / "movies.csv"]
+    return events, items, [ratings_path, movies_path]

@@ -7,7 +7,6 @@ Item text comes from a separate file keyed by ASIN: a P5/Amazon-2014 ``meta*.jso
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -48,15 +47,33 @@ def load(path: str | Path, items: str | Path | None = None) -> RawData:
 
 
 def read_sequences(path: Path) -> pl.DataFrame:
-    """One line per user -> events; the position in the line is the timestamp."""
-    lines = pl.DataFrame({"line": read_bytes(path).decode("utf-8").splitlines()})
+    """One line per user -> events; the position in the line is the timestamp. Ids are
+    integers separated by spaces or tabs; blank lines are skipped. Lines are counted by
+    ``\n`` (as an editor does), so an error's line number is the line a user finds."""
+    raw = read_bytes(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise DataFormatError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x}); ids must be integers") \
+            from None
+    lines = pl.DataFrame({"line": text.split("\n")})
     tokens = lines.with_row_index("lineno", offset=1).with_columns(
-        pl.col("line").str.strip_chars().str.split(" ").list.eval(pl.element().filter(pl.element() != ""))
-        .alias("tokens")
+        pl.col("line").str.replace_all(r"[\t\r\x0b\x0c]", " ").str.split(" ")
+        .list.eval(pl.element().filter(pl.element() != "")).alias("tokens")
     ).filter(pl.col("tokens").list.len() > 0)
     short = tokens.filter(pl.col("tokens").list.len() < 2)
-    if short.height:
-        raise DataFormatError(f"{path}:{short['lineno'][0]}: a user line needs a user id and at least one item")
+    not_int = tokens.filter(~pl.col("tokens").list.eval(pl.element().str.contains(r"^[0-9]+$")).list.all())
+    first_short = short["lineno"][0] if short.height else None
+    first_bad = not_int["lineno"][0] if not_int.height else None
+    if first_short is not None and (first_bad is None or first_short < first_bad):
+        raise DataFormatError(f"{path}:{first_short}: a user line needs a user id and at least one item")
+    if first_bad is not None:
+        bad = not_int.row(0, named=True)["tokens"]
+        raise DataFormatError(f"{path}:{first_bad}: ids must be integers, got "
+                              f"{[t for t in bad if not t.isascii() or not t.isdigit()][:3]}")
+    if tokens.height == 0:
+        raise DataFormatError(f"{path}: file is empty (blank lines only)")
     events = tokens.select(
         "lineno",
         pl.col("tokens").list.first().alias("user"),
@@ -65,29 +82,39 @@ def read_sequences(path: Path) -> pl.DataFrame:
         pl.int_range(pl.len(), dtype=pl.Int64).over("lineno").alias("timestamp"),
         pl.int_range(pl.len(), dtype=pl.Int64).alias("order"),
     )
-    bad = events.filter(~pl.col("item").str.contains(r"^\d+$") | ~pl.col("user").str.contains(r"^\d+$"))
-    if bad.height:
-        raise DataFormatError(f"{path}:{bad['lineno'][0]}: ids must be integers, got {bad.row(0)[1:3]}")
     return events.select("user", "item", "timestamp", "order")
 
 
 def _map_ids(events: pl.DataFrame, maps_file: Path) -> pl.DataFrame:
-    """Replace P5 integer ids by the Amazon ids (reviewerID, ASIN) so item text can be joined."""
+    """Replace P5 integer ids by the Amazon ids (reviewerID, ASIN) so item text can be joined.
+    ``datamaps.json`` is one JSON object; ``id2item`` (and ``id2user``, if there) map id
+    strings to id strings."""
+    raw = read_bytes(maps_file)
     try:
-        maps = json.load(io.BytesIO(read_bytes(maps_file)))
+        maps = json.loads(raw)
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{maps_file}:{e.lineno}: malformed JSON ({e.msg})") from None
-    for key in ("id2item",):
-        if key not in maps:
-            raise DataFormatError(f"{maps_file}: missing field '{key}'")
-    id2item = pl.DataFrame({"item": list(maps["id2item"].keys()), "asin": list(maps["id2item"].values())})
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise DataFormatError(f"{maps_file}:{lineno}: not UTF-8 ({e.reason})") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer with too many digits
+        raise DataFormatError(f"{maps_file}:1: malformed JSON ({e})") from None
+    if not isinstance(maps, dict) or "id2item" not in maps:
+        raise DataFormatError(f"{maps_file}:1: missing field 'id2item' (a JSON object of id -> ASIN)")
+    for key in ("id2item", "id2user"):
+        table = maps.get(key, {})
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise DataFormatError(f"{maps_file}:1: field '{key}' must map ids to strings")
+    id2item = pl.DataFrame({"item": list(maps["id2item"].keys()), "asin": list(maps["id2item"].values())},
+                           schema={"item": pl.String, "asin": pl.String})
     out = events.join(id2item, on="item", how="left", maintain_order="left")
     missing = out.filter(pl.col("asin").is_null())
     if missing.height:
-        raise DataFormatError(f"{maps_file}: id2item has no entry for item id {missing['item'][0]}")
+        raise DataFormatError(f"{maps_file}:1: id2item has no entry for item id {missing['item'][0]}")
     out = out.with_columns(pl.col("asin").alias("item")).drop("asin")
     if "id2user" in maps:
-        id2user = pl.DataFrame({"user": list(maps["id2user"].keys()), "rid": list(maps["id2user"].values())})
+        id2user = pl.DataFrame({"user": list(maps["id2user"].keys()), "rid": list(maps["id2user"].values())},
+                               schema={"user": pl.String, "rid": pl.String})
         out = out.join(id2user, on="user", how="left", maintain_order="left").with_columns(
             pl.coalesce("rid", "user").alias("user")).drop("rid")
     return out
