@@ -250,10 +250,11 @@ TINY: dict[str, list[str]] = {
     ],
 }
 # Small models for the scripts that build a recommender (the GRPO recipe rebuilds its SFT model
-# from the same bindings, so they must be the same there).
+# from the same bindings, so they must be the same there). Two encoder layers: RASTP's command
+# prunes after layer 2, which must exist.
 MODEL_TINY = [
     "T5Config.d_model = 32", "T5Config.num_heads = 2", "T5Config.d_head = 16", "T5Config.d_ff = 64",
-    "T5Config.num_encoder_layers = 1", "T5Config.num_decoder_layers = 1",
+    "T5Config.num_encoder_layers = 2", "T5Config.num_decoder_layers = 1",
     "GPTConfig.d_model = 32", "GPTConfig.num_heads = 2", "GPTConfig.d_head = 16", "GPTConfig.d_ff = 64",
     "GPTConfig.num_layers = 1", "SASRecConfig.d_model = 32", "SASRecConfig.d_ff = 64",
 ]
@@ -264,9 +265,14 @@ for _script in ("train_decoder.py", "train_joint.py", "train_grpo.py", "train_ac
 # Per gin file a command names: bindings added for it (after TINY's).
 CONFIG_TINY: dict[str, list[str]] = {
     # A fresh chunked-FSQ projection puts nearly every item on one code for its first ~1,000 steps
-    # (README: collision 0.97 at step 500; 7,308 Beauty items on one prefix at 200 steps), more
-    # than the 256-code dedup level holds: the tiny run sizes that level to the largest group.
-    "configs/recgpt_fsq_amazon.gin": ["train_rqvae.dedup_size = None"],
+    # (README: collision 0.97 at step 500; 7,308 Beauty items on one prefix at 200 steps, all of
+    # them with 64 codes a chunk), more than the 256-code dedup level holds: RecGPT's tokenizer
+    # gets 1,500 steps (collision ~0.03 in the README's run), its dedup level as large as needed.
+    "configs/recgpt_fsq_amazon.gin": ["train_rqvae.max_steps = 1500", "train_rqvae.eval_every = 500",
+                                      "train_rqvae.dedup_size = None"],
+    # RecGPT's beam search ranks 15,360 codes per level (~45 users/s on one core even at the tiny
+    # size): 10 beams and no unconstrained pass keep its test passes to minutes.
+    "configs/recgpt_amazon.gin": ["train_decoder.beam_size = 10", "train_decoder.unconstrained_test = False"],
 }
 
 # Benchmarks: their own flags for a small size, after the command's.
