@@ -63,6 +63,7 @@ def step_seconds(models: dict, batches, amp, warmup: int = 2) -> dict[str, float
 def decoding(run: str, configs: list[str], users: int, batch: int) -> dict:
     import gin
 
+    import train_decoder  # noqa: F401 - registers the gin names the run's configs bind
     from data.prepare import load_dataset
     from modules.decoder_models import load_tokenizer
 
