@@ -32,6 +32,7 @@ from modules.objectives import full_softmax_loss  # noqa: E402
 from modules.rpg import RPG, RPGConfig, rpg_loss  # noqa: E402
 from modules.rpg_graph import graph_decode, item_graph  # noqa: E402
 from modules.sasrec import SASRec, SASRecConfig  # noqa: E402
+from modules.training import _cpu_name  # noqa: E402 - the CPU model, as the precision cache keys it
 
 
 def beauty_like_segments(rng, batch: int, items: int, width: int = 21) -> torch.Tensor:
@@ -119,7 +120,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     batches = [beauty_like_segments(rng, a.batch_size, a.items) for _ in range(a.steps + 2)]
     result: dict = {"threads": torch.get_num_threads(), "batch_size": a.batch_size, "items": a.items,
-                    "cpu": platform_cpu()}
+                    "cpu": _cpu_name()}
     for precision, amp in (("fp32", None), ("bf16", torch.bfloat16)):
         models = {
             "sasrec": (SASRec(SASRecConfig(num_items=a.items, max_len=21, d_model=64, num_heads=1, d_ff=256,
@@ -137,18 +138,6 @@ def main(argv=None) -> dict:
         result["decoding"] = decoding(a.run, a.config, a.users, 256)
     print(json.dumps(result))
     return result
-
-
-def platform_cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor()
 
 
 if __name__ == "__main__":
