@@ -588,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the extracted commands (and their plan) and exit")
     ap.add_argument("--match", action="append", default=[], metavar="SUBSTR",
                     help="run only the commands containing SUBSTR (repeatable: any of them)")
+    ap.add_argument("--start-at", metavar="SUBSTR",
+                    help="begin at the first command containing SUBSTR (go on with an interrupted check in its --workdir)")
     ap.add_argument("--source", choices=["head", "working"], default="head",
                     help="what to copy: a git clone of HEAD (default) or the working tree")
     ap.add_argument("--workdir", type=Path, help="where the fresh copy goes (default: a new temp folder)")
@@ -628,8 +630,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     cmds = all_commands(work)
     problems = folder_problems(cmds, work)
+    started = a.start_at is None
     for i, c in enumerate(cmds):
-        if a.match and not any(m in c.text for m in a.match):
+        started = started or a.start_at in c.text
+        if not started or (a.match and not any(m in c.text for m in a.match)):
             continue
         p = plan(c, work, a.max_procs, tuple(a.also_gin))
         if i in problems:
