@@ -13,7 +13,7 @@ import train_rqvae
 from modules.quantizers.hidvae import (
     HiDVAE, HiDVAEConfig, category_tags, info_nce, tag_purity, uniqueness_loss,
 )
-from modules.quantizers.rqvae import RQVAEConfig
+from modules.quantizers.rqvae import RQVAE, RQVAEConfig
 from modules.semantic_ids import SemanticIdTokenizer
 from tests.fixtures import CATEGORIES, dataset_bindings, run_script, write_p5_dataset
 
@@ -145,6 +145,47 @@ def test_tag_losses_train_the_encoder_and_roundtrip(tmp_path):
     assert isinstance(back.quantizer, HiDVAE) and back.quantizer.config == model.config
     assert torch.equal(back.encode(x), codes)
     assert torch.equal(back.quantizer.tag_embeddings(2), model.tag_embeddings(2))
+
+
+@pytest.mark.parametrize("mode, update", [("ste", "loss"), ("rotation", "ema"), ("gumbel", "loss")])
+def test_forward_is_the_wrapped_rqvae_forward_plus_the_tag_terms(mode, update):
+    """Training steps on a fixed seed (k-means init on the first batch, dead codes re-seeded from
+    step 2 on, Gumbel noise, usage and EMA updates) give HiD-VAE exactly the numbers of its RQ-VAE
+    run alone from the same weights and seeds: reconstruction, codes, losses, gradients and the
+    codebook state after every step; its loss adds the weighted tag terms to recon + quant."""
+    torch.manual_seed(0)
+    hid = small_model()
+    hid.config.rqvae.quantize_mode, hid.config.rqvae.codebook_update = mode, update
+    hid.config.rqvae.dead_code_threshold, hid.config.rqvae.usage_decay = 0.9, 0.5
+    hid = HiDVAE(hid.config)  # rebuilt: codebook_update decides whether the codebooks take gradients
+    hid.set_tag_embeddings([torch.randn(n, 5) for n in (2, 3, 3)])
+    plain = RQVAE(hid.config.rqvae)
+    plain.load_state_dict(hid.rqvae.state_dict())
+    x = torch.randn(32, 12)
+    tags = torch.stack([torch.randint(n, (32,)) for n in (2, 3, 3)], 1)
+    hid.train(), plain.train()
+    c = hid.config
+    for step in range(3):
+        outs = []
+        for model, kw in ((hid, {"tags": tags}), (plain, {})):
+            torch.manual_seed(100 + step)
+            outs.append(model(x, temperature=0.5, **kw))
+        h, p = outs
+        for name in ("recon", "codes", "recon_loss", "quant_loss"):
+            assert torch.equal(getattr(h, name), getattr(p, name)), (step, name)
+        assert torch.equal(h.loss, p.loss + c.align_weight * h.align_loss + c.classify_weight * h.classify_loss
+                           + c.unique_weight * h.unique_loss)
+        hid.zero_grad(), plain.zero_grad()
+        (h.recon_loss + h.quant_loss).backward()
+        p.loss.backward()
+        with torch.no_grad():
+            for (name, a), b in zip(hid.rqvae.named_parameters(), plain.parameters()):
+                if b.grad is not None:
+                    assert torch.equal(a.grad, b.grad), (step, name)
+                    a -= 0.1 * a.grad  # the same SGD step keeps both models on one trajectory
+                    b -= 0.1 * b.grad
+        for (name, a), b in zip(hid.rqvae.state_dict().items(), plain.state_dict().values()):
+            assert torch.equal(a, b), (step, name)
 
 
 def hand_set_model(align_temperature: float = 1.0) -> HiDVAE:
