@@ -99,11 +99,12 @@ class FSQTokenizer(nn.Module):
         return z_q[:, 0], codes[:, 0].long()
 
     def forward(self, x: Tensor, temperature: float = 1.0) -> RQVAEOutput:
-        z_q, codes = self._quantize(self.encoder(x))
+        z = self.encoder(x)
+        z_q, codes = self._quantize(z)
         recon = self.decoder(z_q)
         recon_loss = item_sq_error(recon, x)
         zero = recon_loss.new_zeros(())
-        return RQVAEOutput(recon, codes, recon_loss, zero, recon_loss)
+        return RQVAEOutput(recon, codes, recon_loss, zero, recon_loss, z)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:

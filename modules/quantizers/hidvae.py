@@ -50,20 +50,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modules.quantizers.rqvae import RQVAE, RQVAEConfig, item_sq_error
+from modules.quantizers.rqvae import RQVAE, RQVAEConfig
 
 UNKNOWN_TAG = "unknown"
 
 
 class HiDVAEOutput(NamedTuple):
-    """RQVAEOutput's fields (same meaning) plus the HiD-VAE terms (unweighted, level means).
-    loss = recon_loss + quant_loss + weighted align/classify/unique losses."""
+    """RQVAEOutput's fields (same meaning, same order) plus the HiD-VAE terms (unweighted, level
+    means). loss = recon_loss + quant_loss + weighted align/classify/unique losses."""
 
     recon: Tensor
     codes: Tensor
     recon_loss: Tensor
     quant_loss: Tensor
     loss: Tensor
+    latents: Tensor
     align_loss: Tensor
     classify_loss: Tensor
     unique_loss: Tensor
@@ -271,13 +272,9 @@ class HiDVAE(nn.Module):
 
     def forward(self, x: Tensor, temperature: float = 1.0, tags: Tensor | None = None) -> HiDVAEOutput:
         """x (B, input_dim), tags (B, L) tag ids or None (then no align/classify terms)."""
-        c, q = self.config, self.rqvae
-        if self.training and not bool(q.initted):
-            q.init_codebooks(x)
-        z = q.encoder(x)
-        z_q, codes, quant_loss = q.quantize(z, temperature)
-        recon = q.decoder(z_q)
-        recon_loss = item_sq_error(recon, x)
+        c = self.config
+        base = self.rqvae(x, temperature)  # k-means init, quantization and the RQ-VAE losses
+        z, codes = base.latents, base.codes
         zero = z.new_zeros(())
         align, classify, accuracy = zero, zero, zero
         if tags is not None:
@@ -292,6 +289,5 @@ class HiDVAE(nn.Module):
             # Level means: the weights then do not scale with the number of levels.
             align, classify, accuracy = align / levels, classify / levels, accuracy / levels
         unique = uniqueness_loss(z, codes, c.unique_margin)
-        loss = (recon_loss + quant_loss + c.align_weight * align + c.classify_weight * classify
-                + c.unique_weight * unique)
-        return HiDVAEOutput(recon, codes, recon_loss, quant_loss, loss, align, classify, unique, accuracy)
+        loss = base.loss + c.align_weight * align + c.classify_weight * classify + c.unique_weight * unique
+        return HiDVAEOutput(*base._replace(loss=loss), align, classify, unique, accuracy)

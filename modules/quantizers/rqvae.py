@@ -30,13 +30,16 @@ QUANTIZE_MODES = ("ste", "rotation", "gumbel")
 class RQVAEOutput(NamedTuple):
     """Output of RQVAE / FSQTokenizer forward. Losses are scalars; loss = recon_loss + quant_loss.
     RQVAE's losses are squared errors summed over the vector and averaged over the batch
-    (see `item_sq_error`); FSQTokenizer's recon_loss is the same."""
+    (see `item_sq_error`); FSQTokenizer's recon_loss is the same. `latents` is the encoder's
+    output before quantization, with its gradient path to the encoder, for models that add
+    losses on it (HiD-VAE's code prefixes and uniqueness loss)."""
 
     recon: Tensor  # (B, input_dim)
     codes: Tensor  # (B, L) long
     recon_loss: Tensor
     quant_loss: Tensor
     loss: Tensor
+    latents: Tensor  # (B, latent_dim); FSQTokenizer's chunked mode: (B, num_chunks, chunk_dim)
 
 
 def item_sq_error(a: Tensor, b: Tensor) -> Tensor:
@@ -285,7 +288,7 @@ class RQVAE(nn.Module):
         z_q, codes, quant_loss = self.quantize(z, temperature)
         recon = self.decoder(z_q)
         recon_loss = item_sq_error(recon, x)
-        return RQVAEOutput(recon, codes, recon_loss, quant_loss, recon_loss + quant_loss)
+        return RQVAEOutput(recon, codes, recon_loss, quant_loss, recon_loss + quant_loss, z)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
