@@ -217,18 +217,18 @@ def test_hub_cache_and_command_line(runs, tmp_path, capsys):
     assert "'nope'" in capsys.readouterr().err
 
 
-def test_readme_example_runs(runs, tmp_path):
-    """README's "Use a trained model" Python example, on the tiny GPT run and the fixture's ids."""
+def test_serving_doc_example_runs(runs, tmp_path):
+    """The Python example of docs/10-serving-hub.md (serving a trained model; it was the README's
+    "Use a trained model" section), on the tiny GPT run and the fixture's ids."""
     root, _, _, dataset = runs
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Use a trained model"):]
+    section = (REPO / "docs" / "10-serving-hub.md").read_text()
     code = section[section.index("```python\n") + 10: section.index("```\n", section.index("```python"))]
     raw = dataset.items["raw_id"].to_list()
     for beauty, fixture in zip(["B004756YJA", "B004ZT0SSG", "B0020YLEYK"], raw[:3]):
         assert beauty in code
         code = code.replace(beauty, fixture)
     code = code.replace("runs/beauty/gpt_e3", str(root / "gpt")).replace("exported/gpt_e3", str(tmp_path / "exp"))
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/10-serving-hub.md", "exec"), {})
     assert (tmp_path / "exp" / "model.safetensors").is_file()
     assert "python recommend.py runs/beauty/gpt_e3 --history" in section
 
