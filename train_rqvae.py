@@ -31,16 +31,16 @@ from tqdm import tqdm
 
 from data.prepare import load_dataset, load_item_embeddings
 from modules import distributed
-from modules.plots import plot_group_sizes
-from modules.quantizers.fsq import FSQConfig, FSQTokenizer
+from modules.quantizers.fsq import FSQConfig
 from modules.quantizers.hidvae import HiDVAE, HiDVAEConfig
 from modules.quantizers.opq import OPQConfig, OPQTokenizer
-from modules.quantizers.rqkmeans import RQKMeans, RQKMeansConfig
+from modules.quantizers.rqkmeans import RQKMeansConfig
 from modules.quantizers.rqvae import RQVAE, RQVAEConfig
-from modules.semantic_ids import (
-    SemanticIdTokenizer, add_dedup_level, collision_group_sizes, collision_stats, plot_codebook_usage,
+from modules.semantic_ids import SemanticIdTokenizer, build_quantizer, collision_stats, with_dedup_level
+from modules.tokenizer_eval import (
+    hidvae_supervision, log_eval, purity_tags, rebalanced_metrics, save_code_plots, tokenizer_card,
+    tokenizer_metrics, train_figures,
 )
-from modules.tokenizer_eval import hidvae_supervision, purity_tags, tokenizer_card, tokenizer_metrics
 from modules.training import (
     ProgressLine, batch_indices, fingerprint, load_checkpoint, make_logger, make_optimizer, parse_gin_cli,
     pick_device, print_result, resolved_config, save_checkpoint, seed_everything, warmup_cosine,
@@ -108,22 +108,18 @@ def train_rqvae(
 
     best = None  # the selected eval (select_by="collision")
     last_eval = None  # the latest periodic eval of this process (the last step's, once training ends)
+    model = build_quantizer(quantizer).to(dev)
+    if hid:
+        model.set_tag_embeddings([e.to(dev) for e in tag_emb])
+    elif not isinstance(model, OPQTokenizer):  # tag purity is a property of code prefixes; OPQ's codes are a set
+        tags = purity_tags(dataset, model, dev)
     if isinstance(quantizer, (RQKMeansConfig, OPQConfig)):  # no training loop: fitted once on the embeddings
-        model = (RQKMeans if isinstance(quantizer, RQKMeansConfig) else OPQTokenizer)(quantizer).to(dev)
-        if isinstance(model, RQKMeans):  # tag purity is a property of code prefixes; OPQ's codes are a set
-            tags = purity_tags(dataset, model, dev)
         t_fit = time.time()
         model.fit(emb)
         print(f"[rqvae] fitted in {time.time() - t_fit:.1f} s", file=sys.stderr)
         distributed.broadcast_module(model)  # rank 0's centroids (k-means on a GPU may differ in the last bits)
         step = 0
     else:
-        model_cls = RQVAE if isinstance(quantizer, RQVAEConfig) else HiDVAE if hid else FSQTokenizer
-        model = model_cls(quantizer).to(dev)
-        if hid:
-            model.set_tag_embeddings([e.to(dev) for e in tag_emb])
-        else:
-            tags = purity_tags(dataset, model, dev)
         optimizer = make_optimizer(model, lr, weight_decay)
         scheduler = warmup_cosine(optimizer, warmup_steps, max_steps)
         ckpt_path, best_path, step = out / "last.pt", out / "best.pt", 0
@@ -172,12 +168,7 @@ def train_rqvae(
             step += 1
             bar.update(1)
             if step % log_every == 0:
-                logger.log({"train/loss": output.loss.item(), "train/recon_loss": output.recon_loss.item(),
-                            "train/quant_loss": output.quant_loss.item(), "train/temperature": tau,
-                            "train/lr": scheduler.get_last_lr()[0],
-                            **({f"train/{k}": getattr(output, k).item()
-                                for k in ("align_loss", "classify_loss", "unique_loss", "tag_accuracy")}
-                               if hid else {})}, step=step)
+                logger.log(train_figures(output, tau, scheduler.get_last_lr()[0]), step=step)
                 bar.set_postfix(loss=f"{output.loss.item():.4f}")
             if progress.due():
                 progress.print(step, output.loss.item(), time.time() - t_train)
@@ -185,19 +176,7 @@ def train_rqvae(
                 distributed.assert_same(model, f"[rqvae] weights at step {step}")  # so the same codes and choices
                 m = tokenizer_metrics(model, emb, tags=tags)
                 last_eval = {"step": step, **{k: v for k, v in m.items() if k != "codes"}}
-                logger.log({"eval/collision_rate": m["collision_rate"], "eval/max_group": m["max_group"],
-                            "eval/recon_loss": m["recon_loss"],
-                            **{f"eval/usage_l{i}": u for i, u in enumerate(m["codebook_usage"])},
-                            **{f"eval/perplexity_l{i}": p for i, p in enumerate(m["codebook_perplexity"])},
-                            **{f"eval/tag_purity_l{i}": p for i, p in enumerate(m.get("tag_purity", []))},
-                            **{f"eval/tag_accuracy_l{i}": a for i, a in enumerate(m.get("tag_accuracy", []))}},
-                           step=step)
-                if distributed.is_main():
-                    tqdm.write(f"[rqvae] step {step}: collision {m['collision_rate']:.4f} max_group {m['max_group']} "
-                               f"usage {[round(u, 3) for u in m['codebook_usage']]} recon {m['recon_loss']:.5f}"
-                               + (f" tag purity {[round(p, 3) for p in m['tag_purity']]}" if "tag_purity" in m else "")
-                               + (f" tag acc {[round(a, 3) for a in m['tag_accuracy']]}" if "tag_accuracy" in m
-                                  else ""), file=sys.stderr)
+                log_eval(logger, m, step)
                 score = {"collision_rate": m["collision_rate"], "recon_loss": m["recon_loss"], "step": step}
                 key = (score["collision_rate"], score["recon_loss"])
                 if step >= warmup_steps and (best is None or key < (best["collision_rate"], best["recon_loss"])):
@@ -217,33 +196,16 @@ def train_rqvae(
             print(f"[rqvae] final codes from step {best['step']} (lowest collision rate after warm-up)", file=sys.stderr)
 
     m = tokenizer_metrics(model, emb, tags=tags)
-    before_rebalance = None
-    if rebalance_last_level:
-        if not hasattr(model, "rebalance_collisions"):
-            raise ValueError(f"train_rqvae.rebalance_last_level: {type(model).__name__} has no rebalance_collisions "
-                             "(RQ-VAE and HiD-VAE have)")
-        before_rebalance = {k: m[k] for k in ("collision_rate", "max_group")}
-        with torch.no_grad():
-            m = tokenizer_metrics(model, emb, tags=tags, codes=model.rebalance_collisions(emb, m["codes"]))
-        print(f"[rqvae] rebalanced the last level: collision {before_rebalance['collision_rate']:.4f} -> "
-              f"{m['collision_rate']:.4f}", file=sys.stderr)
+    before_rebalance, m = rebalanced_metrics(model, emb, m, tags) if rebalance_last_level else (None, m)
     distributed.assert_same(m["codes"], "[rqvae] item codes")
     if not distributed.is_main():  # rank 0 alone saves the tokenizer, plots and result; wait for it
         logger.finish()
         distributed.barrier()
         return {}
-    if dedup_size == 0:
-        item_codes, dedup_level_size, sizes = m["codes"].cpu(), 0, list(model.codebook_sizes)
-    else:
-        item_codes = add_dedup_level(m["codes"].cpu(), max_size=dedup_size)
-        dedup_level_size = dedup_size or int(item_codes[:, -1].max()) + 1
-        sizes = list(model.codebook_sizes) + [dedup_level_size]
+    item_codes, sizes, dedup_level_size = with_dedup_level(m["codes"].cpu(), model.codebook_sizes, dedup_size)
     tokenizer = SemanticIdTokenizer(model.cpu(), item_codes, codebook_sizes=sizes,
                                     raw_ids=dataset.items["raw_id"].to_list())
-    plot = plot_codebook_usage(m["codes"].cpu(), model.codebook_sizes, out / "codebook_usage.png")
-    logger.log_image("codebook_usage", plot, step=step)
-    groups = plot_group_sizes(collision_group_sizes(m["codes"].cpu()), out / "collision_groups.png")
-    logger.log_image("collision_groups", groups, step=step)
+    save_code_plots(logger, m["codes"].cpu(), model.codebook_sizes, out, step)
     result = {
         "dataset": dataset.name,
         "quantizer": type(model).__name__,
