@@ -138,10 +138,10 @@ class RecordingLogger:
 def test_step_statistics_are_logged_as_window_means_and_before_step_sees_every_step(tmp_path, monkeypatch):
     """A loss_fn's StepOutput metrics reach the logger as the mean over each log window, and
     before_step is called with the global step, also after a resume."""
-    import modules.training as training
+    import modules.run.loop as loop  # where train_loop looks make_logger up
 
     logger = RecordingLogger()
-    monkeypatch.setattr(training, "make_logger", lambda *a, **k: logger)
+    monkeypatch.setattr(loop, "make_logger", lambda *a, **k: logger)
     seen = []
 
     def loss_fn(model):
@@ -257,11 +257,11 @@ def test_auto_precision_without_measurement(cache):
 
 
 def test_progress_line_known_answer(capsys, monkeypatch):
-    from modules import training
+    from modules.run import logs
 
     clock = iter([100.0, 100.0, 130.0, 130.0])
-    monkeypatch.setattr(training.time, "time", lambda: next(clock))
-    line = training.ProgressLine("dec", max_steps=100, batch_size=64, step=10, every=30.0, cap_minutes=2.0)
+    monkeypatch.setattr(logs.time, "time", lambda: next(clock))
+    line = logs.ProgressLine("dec", max_steps=100, batch_size=64, step=10, every=30.0, cap_minutes=2.0)
     assert not line.due() and line.due()  # 0 s, then 30 s after the last line
     # 10 steps in 30 s: 3 s a step, 64 / 3 examples/s; 90 steps left = 4.5 min, but the cap
     # (2 min, 1.5 min already spent) leaves 0.5 min.
@@ -419,6 +419,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     import errno
     import os
 
+    import modules.run.checkpoints as checkpoints
     import modules.training as training
     from modules.training import CheckpointWriteError, load_checkpoint, verify_checkpoint
 
@@ -441,7 +442,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
             f = real_fdopen(fd, mode, *a, **k)
             return _fail_after(500 if where == "file write" else 10)(f) if ("b" in mode) == (where == "file write") \
                 else f
-        monkeypatch.setattr(training.os, "fdopen", fdopen)
+        monkeypatch.setattr(checkpoints.os, "fdopen", fdopen)
     # (the next save, at step 30, writes best.pt first: the metric still improves)
     with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint .*best\.pt: disk full \(No space "
                                                    r"left on device\).*best\.pt is unchanged") as info:
