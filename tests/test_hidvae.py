@@ -296,3 +296,19 @@ def test_tiny_hidvae_run_saves_and_reloads(tmp_path):
     assert isinstance(tok.quantizer, HiDVAE) and tok.item_codes.shape == (60, 4)
     assert tok.quantizer.config.num_tags == [len(CATEGORIES)] * 3
     assert tok.quantizer.tag_embeddings(0).norm(dim=1).allclose(torch.ones(len(CATEGORIES)), atol=1e-4)
+
+
+def test_hidvae_config_rebalances_its_last_step():
+    # Issue 20, defect 10: the full 10,000-step schedule drifts to ~7% collisions at its last
+    # step (results/beauty_hidvae_full.json, before_rebalance), so the config keeps the last
+    # step's codes and applies LC-Rec's rebalancing (0.07% there).
+    import gin
+
+    with gin.unlock_config():
+        gin.clear_config()
+        try:
+            gin.parse_config_files_and_bindings(["configs/hidvae_amazon.gin"], [], skip_unknown=True)
+            assert gin.query_parameter("train_rqvae.rebalance_last_level") is True
+            assert gin.query_parameter("train_rqvae.select_by") == "last"
+        finally:
+            gin.clear_config()
