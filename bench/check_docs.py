@@ -282,6 +282,7 @@ BENCH_ARGS: dict[str, list[str]] = {
     "bench/bench_grpo.py": ["--users", "4", "--group", "4", "--repeats", "1"],
     "bench/bench_actionpiece.py": ["--vocab-size", "2000", "--n-deterministic", "100"],
     "bench/bench_ml32m.py": ["--rows", "200000", "--train-steps", "2", "--train-warmup", "1"],
+    "bench/bench_rpg.py": ["--steps", "2", "--batch-size", "32", "--users", "500"],
 }
 
 # Data that a config would download, read from the copy in ../shared/data instead:
