@@ -384,13 +384,13 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], scalars: Sequence
     return summed[: len(values)]
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is True on any (e.g. a time cap one clock has passed)."""
+def max_over_ranks(value: float) -> float:
+    """The largest of every rank's ``value``, on every rank (e.g. the training clock's seconds)."""
     if not active():
-        return flag
-    t = torch.tensor([int(flag)])
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a CPU tensor: gloo, no GPU synchronisation
-    return bool(t.item())
+    return float(t.item())
 
 
 def assert_same(obj: torch.Tensor | torch.nn.Module, what: str) -> None:

@@ -228,6 +228,13 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
         optimizer.step()
+        # The training clock's seconds so far, the largest over ranks (one clock past the cap
+        # stops every rank; a budget-sized schedule gives every rank the same learning rate).
+        spent = train_seconds + clock() - t_seg
+        if ddp and max_train_minutes is not None:
+            spent = distributed.max_over_ranks(spent)
+        if max_train_minutes is not None and hasattr(scheduler, "budget_fraction"):
+            scheduler.budget_fraction = spent / (60 * max_train_minutes)
         scheduler.step()
         loss_check = loss_check.to(loss.device) + loss.detach().float()
         step += 1
@@ -249,9 +256,7 @@ def train_loop(*, model: torch.nn.Module, optimizer, scheduler, num_examples: in
             check_finite(epoch)
             last_check = step
             progress.print(step, loss.item(), train_seconds + clock() - t_seg, f", epoch {epoch}{shown}")
-        timed_out = out_of_time(train_seconds + clock() - t_seg)
-        if ddp and max_train_minutes is not None:  # one clock past the cap stops every rank
-            timed_out = distributed.any_rank(timed_out)
+        timed_out = out_of_time(spent)
         if step % eval_every == 0 or step == max_steps or timed_out:
             check_finite(epoch)
             last_check = step
