@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     histories, users = ([args.history], None) if args.history else read_users(args.users)
-    try:  # e.g. no such folder, or a train run whose export belongs to an earlier run (StaleExportError)
+    # e.g. no such folder, a train run whose export belongs to an earlier run (StaleExportError), or a
+    # best.pt written before checkpoints carried their recommender record (RecordMissingError)
+    try:
         rec = GenerativeRecommender.from_pretrained(args.model, device=args.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -42,21 +42,19 @@ import torch.nn.functional as F
 from data.prepare import load_dataset
 from modules import distributed
 from modules.actionpiece.recommender import (
-    IGNORE, ActionPieceLayout, ItemDecoder, build_tokenizer, evaluate_actionpiece, load_tokenizer,
+    IGNORE, ActionPieceLayout, ItemDecoder, evaluate_actionpiece, run_vocabulary,
 )
 from modules.decoder_models import T5ConfigBound
 from modules.evaluation import popularity_ranking, ranking_metrics
-from modules.recommender import export_run, from_training, run_record
-from modules.reporting import machine_record
+from modules.recommender import export_run, recommender_record, tokenizer_fingerprint, tokenizer_reference
+from modules.reporting import REPORT_KEYS, run_facts, stopped_result
 from modules.tokens import PAD
 from modules.training import (
     SummedLoss, autocast_dtype, length_chunks, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
-    fingerprint, seed_everything, train_loop, warmup_cosine,
+    seed_everything, train_loop, warmup_cosine,
 )
 from modules.transformers.generation import shift_right
 from modules.transformers.t5 import T5
-
-REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 
 # ----------------------------------------------------------------------------- training
@@ -99,7 +97,7 @@ def train_actionpiece(
     wandb_mode: str = "offline",
     wandb_project: str = "sidrec",
     run_name: str | None = None,
-    push_to_hub: str | None = None,  # Hub repo id for the recommender (modules/recommender.py)
+    push_to_hub: str | None = None,  # Hub repo id for the recommender (modules/recommender/)
 ) -> dict:
     t_start = time.time()
     out = Path(out_dir)
@@ -115,32 +113,19 @@ def train_actionpiece(
         dataset = load_dataset()
     features = dict(n_hash_buckets=n_hash_buckets, pca_dim=pca_dim, n_codebooks=n_codebooks,
                     codebook_size=codebook_size, seed=feature_seed, opq_iter=opq_iter)
-    tok_dir = out / "tokenizer"
-
-    def vocabulary():
-        if tokenizer is not None:
-            return load_tokenizer(tokenizer, dataset, vocab_size)
-        if tok_dir.is_dir():  # resume: the vocabulary this run learned before
-            tok = load_tokenizer(str(tok_dir), dataset, vocab_size)
-            made = {k: tok.config.get(k) for k in (*features, "mode", "requested_vocab_size")}
-            wanted = {**features, "mode": vocab_mode, "requested_vocab_size": vocab_size}
-            if made != wanted:
-                diff = {k: (made[k], wanted[k]) for k in wanted if made[k] != wanted[k]}
-                raise ValueError(f"{tok_dir} was built with other settings (stored, requested): {diff}; "
-                                 "use another out_dir or delete it")
-            return tok
-        print(f"[actionpiece] learning a {vocab_size:,}-token vocabulary on {dataset.name} ...", file=sys.stderr)
-        tok = build_tokenizer(dataset, vocab_size, vocab_mode, features)
-        tok.save_pretrained(tok_dir)
-        return tok
-
-    tok = distributed.on_main(vocabulary)  # learned or loaded once, by rank 0, and broadcast
+    tok_source = tokenizer or out / "tokenizer"  # given, else learned into (or, on resume, loaded from) out_dir
+    tok = distributed.on_main(  # learned or loaded once, by rank 0, and broadcast
+        lambda: run_vocabulary(tokenizer, out / "tokenizer", dataset, vocab_size, vocab_mode, features))
     layout = ActionPieceLayout.build(tok, output_vocab)
     decoder = ItemDecoder(tok, layout)
     train, valid, test = dataset.train_examples(), dataset.eval_examples("valid"), dataset.eval_examples("test")
     labels_of = torch.from_numpy(layout.labels)
 
     model = T5(T5ConfigBound(vocab_size=layout.vocab_size, output_vocab_size=layout.output_vocab_size)).to(dev)
+    # What best.pt and the final export say the model is and how it is served (modules/recommender/record.py).
+    record = recommender_record(model, "actionpiece", dataset, tokenizer_reference(tok_source, tok),
+                                output_vocab=output_vocab, num_beams=num_beams, eval_seed=eval_seed,
+                                n_inference_ensemble=n_inference_ensemble, batch_size=eval_batch_size)
     optimizer = make_optimizer(model, lr, weight_decay)
     scheduler = warmup_cosine(optimizer, warmup_steps, max_steps)
     print(f"[actionpiece] {dataset.name}: {len(train):,} train examples, {dataset.num_users:,} users, vocabulary "
@@ -175,22 +160,17 @@ def train_actionpiece(
         return evaluate_actionpiece(model, tok, layout, decoder, valid_sample, q=1, **common)
 
     # Beyond the bindings, a checkpoint belongs to this data and this exact vocabulary.
-    identity = {"dataset": dataset.fingerprint(),
-                "tokenizer": fingerprint(repr(tok.token2feat), np.asarray(tok.priority), tok.item_features)}
+    identity = {"dataset": dataset.fingerprint(), "tokenizer": tokenizer_fingerprint(tok)}
     loop, logger = train_loop(
         model=model, optimizer=optimizer, scheduler=scheduler, num_examples=len(train), batch_size=batch_size,
         loss_fn=loss_fn, validate=validate, out_dir=out, max_steps=max_steps, eval_every=eval_every, seed=seed,
         grad_clip=grad_clip, patience=patience, max_train_minutes=max_train_minutes,
         stop_after_steps=stop_after_steps, log_every=log_every, resume=resume, wandb_mode=wandb_mode,
         wandb_project=wandb_project, run_name=run_name, identity=identity, script="train_actionpiece",
-        desc="actionpiece",
-        best_payload={"model_config": model.config.to_dict(), "to_ap": layout.to_ap.tolist(),
-                      "tokenizer": str(tokenizer or tok_dir)})
+        desc="actionpiece", best_payload={"recommender": record})
     if not loop.finished:  # stopped on purpose (stop_after_steps): resume later from last.pt
         logger.finish()
-        result = {"stopped_at_step": loop.step, "checkpoint": str(out / "last.pt")}
-        print_result(result)
-        return result
+        return stopped_result(out, loop.step)
 
     # ---- the best-validation checkpoint on every validation user, then the test
     # It was selected on the eval_users sample, whose score is biased upward by the selection:
@@ -236,17 +216,12 @@ def train_actionpiece(
         "output_vocab_size": layout.output_vocab_size,
         "num_beams": num_beams,
         "n_inference_ensemble": n_inference_ensemble,
-        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
-        "seconds": round(time.time() - t_start, 1),
-        "machine": machine_record(amp), "curve": loop.curve,  # RESULTS.md (bench/results_table.py)
+        **run_facts(dev, amp, t_start), "curve": loop.curve,  # RESULTS.md (bench/results_table.py)
     }
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()
-    # What from_pretrained(out_dir) loads, and exactly what push_to_hub sends: modules/recommender.py.
-    rec = from_training(model, "actionpiece", tok, dataset, output_vocab=output_vocab, num_beams=num_beams,
-                        n_inference_ensemble=n_inference_ensemble, eval_seed=eval_seed, batch_size=eval_batch_size,
-                        run=run_record(result), checkpoint=out / "best.pt")
-    result["recommender"] = str(export_run(out, rec, push_to_hub))
+    # What from_pretrained(out_dir) loads, and exactly what push_to_hub sends: modules/recommender/.
+    result["recommender"] = str(export_run(out, record, model, tok, result, push_to_hub))
     if push_to_hub:
         result["hub"] = push_to_hub
     print_result(result, out)

@@ -31,27 +31,30 @@ import sys
 import time
 from pathlib import Path
 
-import gin
-import numpy as np
 import torch
 
 from data.prepare import load_dataset
 from modules import distributed
 from modules.beam_search import PrefixTrie
-from modules.decoder_models import GraphScoresBound, build_model, load_tokenizer
+from modules.decoder_models import (
+    GraphScoresBound, build_model, check_settings, cold_slot_tries, load_tokenizer, train_decoder_settings,
+    training_precision,
+)
 from modules.evaluation import RestrictedScores, evaluate_exact_topk, evaluate_generative
-from modules.recommender import export_run, from_training, run_record
-from modules.reporting import REPORT_KEYS, machine_record, test_report  # noqa: F401 - REPORT_KEYS: train_decoder.REPORT_KEYS
+from modules.recommender import export_run, recommender_record, tokenizer_fingerprint, tokenizer_reference
+from modules.reporting import REPORT_KEYS, run_facts, stopped_result, test_report  # noqa: F401 - REPORT_KEYS: train_decoder.REPORT_KEYS
 from modules.rpg import rpg_loss
 from modules.objectives import all_positions_loss, full_softmax_loss, next_item_block_loss, sliding_window_loss
 from modules.sasrec import save_item_embeddings
 from modules.tokens import TokenLayout
 from modules.training import (
-    SummedLoss, autocast_dtype, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
-    fingerprint, resolved_config, seed_everything, train_loop, warmup_cosine,
+    SummedLoss, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
+    resolved_config, seed_everything, train_loop, warmup_cosine,
 )
 
-@gin.configurable
+
+# Its gin name, train_decoder.*, is registered in modules/decoder_models.py (train_decoder_settings),
+# where train_grpo.py, whose configs include a train_decoder.py recipe, finds it without this script.
 def train_decoder(
     tokenizer: str | None = None,  # train_rqvae.py output dir or Hub repo id (t5, gpt, recgpt; sasrec needs none)
     architecture: str = "t5",  # "t5", "gpt", "recgpt", "rpg" (semantic IDs) or "sasrec" (item IDs)
@@ -87,25 +90,12 @@ def train_decoder(
     wandb_mode: str = "offline",
     wandb_project: str = "sidrec",
     run_name: str | None = None,
-    push_to_hub: str | None = None,  # Hub repo id for the recommender (modules/recommender.py)
+    push_to_hub: str | None = None,  # Hub repo id for the recommender (modules/recommender/)
 ) -> dict:
     t_start = time.time()
-    if architecture not in ("t5", "gpt", "recgpt", "rpg", "sasrec"):
-        raise ValueError(f"train_decoder.architecture must be 't5', 'gpt', 'recgpt', 'rpg' or 'sasrec', "
-                         f"got {architecture!r}")
-    if decoding not in ("exact", "graph") or (decoding == "graph" and architecture != "rpg"):
-        raise ValueError(f"train_decoder.decoding must be 'exact', or 'graph' for architecture 'rpg'; got "
-                         f"{decoding!r} for {architecture!r}")
-    modes = {"t5": ("sliding",), "gpt": ("sliding", "all_positions"), "recgpt": ("all_positions",),
-             "rpg": ("all_positions",), "sasrec": ("all_positions",)}[architecture]
-    if train_mode not in modes:
-        raise ValueError(f"train_decoder.train_mode must be one of {modes} for architecture {architecture!r} "
-                         f"('all_positions' for gpt, recgpt or sasrec only), got {train_mode!r}")
+    check_settings(architecture, train_mode, decoding, tokenizer)
     sasrec = architecture == "sasrec"
     exact = architecture in ("sasrec", "rpg")  # models that score every item: exact top-K, no beam search
-    if not sasrec and not tokenizer:
-        raise ValueError(f"train_decoder.tokenizer is required for architecture {architecture!r}: a train_rqvae.py "
-                         "output dir or a Hub repo id (only architecture 'sasrec' needs none)")
     all_positions = train_mode == "all_positions"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +111,7 @@ def train_decoder(
     if not sasrec:
         tok = load_tokenizer(tokenizer, dataset)
         item_codes = tok.item_codes.to(dev)
-        identity["item_codes"] = fingerprint(tok.item_codes, str(tok.codebook_sizes))
+        identity["item_codes"] = tokenizer_fingerprint(tok)
     if not exact:  # beam search over the trie of the items' token sequences
         layout = TokenLayout(tuple(tok.codebook_sizes), num_user_buckets=num_user_buckets)
         trie = PrefixTrie(item_codes, layout.codebook_sizes).to(dev)
@@ -130,6 +120,9 @@ def train_decoder(
     use_user = num_user_buckets > 0 and not exact
 
     model = build_model(architecture, layout, dataset, tok).to(dev)
+    # What best.pt and the final export say the model is and how it is served (modules/recommender/record.py).
+    record = recommender_record(model, architecture, dataset, None if sasrec else tokenizer_reference(tokenizer, tok),
+                                layout=layout, beam_size=beam_size, batch_size=eval_batch_size, cold_slots=cold_slots)
     optimizer = make_optimizer(model, lr, weight_decay)
     scheduler = warmup_cosine(optimizer, warmup_steps, max_steps)
     print(f"[decoder] {dataset.name}: {len(train):,} train {'segments' if all_positions else 'examples'}, "
@@ -160,10 +153,7 @@ def train_decoder(
         return SummedLoss(total, count)
 
     # bf16 autocast where it measures faster on this machine (cached); evaluation is fp32.
-    probe = np.random.default_rng(seed).choice(len(train), min(len(train), batch_size), replace=False)
-    amp = autocast_dtype(dev, precision, benchmark=lambda dt: batch_loss(probe, dt).mean().backward(),
-                         cache_key=f"decoder|{train_mode}|{model.config}|batch={len(probe)}|chunk={train_chunk}")
-    model.zero_grad(set_to_none=True)
+    amp = training_precision(dev, precision, model, batch_loss, len(train), batch_size, seed, train_mode, train_chunk)
     print(f"[decoder] training precision: {'bf16 autocast' if amp else 'fp32'}", file=sys.stderr)
 
     def loss_fn(idx):
@@ -173,13 +163,8 @@ def train_decoder(
     # semantic-ID models search all items, cold ones included (their IDs come from text).
     scorer = model if dataset.cold is None or not sasrec else RestrictedScores(model, ~dataset.cold)
 
-    slot_tries = None  # cold_slots: the items trained on and the held-out ones, searched apart
-    if cold_slots:
-        if exact or dataset.cold is None:
-            raise ValueError(f"train_decoder.cold_slots = {cold_slots} needs beam search (not sasrec/rpg) and a cold-start "
-                             "or zero-shot split (load_dataset.cold_items or load_dataset.holdout_domain)")
-        slot_tries = tuple(PrefixTrie(item_codes[ids], layout.codebook_sizes, item_ids=ids)
-                           for ids in (torch.as_tensor(np.flatnonzero(m), device=dev) for m in (~dataset.cold, dataset.cold)))
+    # cold_slots: the items trained on and the held-out ones, searched apart (None: no slots)
+    slot_tries = cold_slot_tries(cold_slots, item_codes if not exact else None, layout, dataset.cold)
 
     def evaluate(examples, unconstrained: bool = False, slots: int = 0):
         if exact:  # exact top-K over all items
@@ -205,13 +190,10 @@ def train_decoder(
         grad_clip=grad_clip, patience=patience, max_train_minutes=max_train_minutes,
         stop_after_steps=stop_after_steps, log_every=log_every, resume=resume, wandb_mode=wandb_mode,
         wandb_project=wandb_project, run_name=run_name, identity=identity, script="train_decoder", desc="decoder",
-        best_payload={"layout": layout.to_dict() if layout else None, "architecture": architecture,
-                      "model_config": model.config.to_dict()})
+        best_payload={"recommender": record})
     if not loop.finished:  # stopped on purpose (stop_after_steps): resume later from last.pt
         logger.finish()
-        result = {"stopped_at_step": loop.step, "checkpoint": str(out / "last.pt")}
-        print_result(result)
-        return result
+        return stopped_result(out, loop.step)
 
     # ---- test the best-validation checkpoint
     load_best(model, out, identity, "train_decoder")
@@ -232,9 +214,7 @@ def train_decoder(
         "train_seconds": round(loop.train_seconds, 1),
         **({"decoding": decoding} if architecture == "rpg" else {} if sasrec else {"beam_size": beam_size}),
         **({"cold_slots": cold_slots} if cold_slots else {}),
-        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
-        "seconds": round(time.time() - t_start, 1),
-        "machine": machine_record(amp), "curve": loop.curve,  # RESULTS.md (bench/results_table.py)
+        **run_facts(dev, amp, t_start), "curve": loop.curve,  # RESULTS.md (bench/results_table.py)
     }
     if sasrec:  # the best checkpoint's item table, for train_rqvae.py via load_item_embeddings
         result["item_embeddings"] = str(save_item_embeddings(out, model, {
@@ -242,10 +222,8 @@ def train_decoder(
             "valid_ndcg@10": report["valid"]["ndcg@10"], "config": resolved_config()}))
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()
-    # What from_pretrained(out_dir) loads, and exactly what push_to_hub sends: modules/recommender.py.
-    rec = from_training(model, architecture, tok, dataset, layout=layout, beam_size=beam_size,
-                        batch_size=eval_batch_size, run=run_record(result), checkpoint=out / "best.pt")
-    result["recommender"] = str(export_run(out, rec, push_to_hub))
+    # What from_pretrained(out_dir) loads, and exactly what push_to_hub sends: modules/recommender/.
+    result["recommender"] = str(export_run(out, record, model, tok, result, push_to_hub))
     if push_to_hub:
         result["hub"] = push_to_hub
     print_result(result, out)
@@ -255,7 +233,7 @@ def train_decoder(
 
 def main(argv: list[str] | None = None) -> dict:
     parse_gin_cli(argv, __doc__)
-    return train_decoder()
+    return train_decoder(**train_decoder_settings(train_decoder))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ Tiny CPU recipe (about a minute after the tiny decoder recipe):
     python train_rqvae.py configs/tiny/rqvae_tiny.gin && python train_decoder.py configs/tiny/decoder_tiny.gin &&
     python train_grpo.py configs/tiny/grpo_tiny.gin
 
-Reads top to bottom: dataset -> the SFT run's tokenizer and best-validation weights
-(``<sft_dir>/best.pt``, rebuilt with the SFT recipe's gin config, which the GRPO config
-includes) -> a frozen reference copy -> the SFT starting point's valid/test metrics -> the
+Reads top to bottom: dataset -> the SFT run's best-validation model and its tokenizer
+(``<sft_dir>/best.pt``, rebuilt from the recommender record it carries: model config, token
+layout, where its tokenizer is; the GRPO configs include the SFT recipe for its data settings,
+and its ``train_decoder.*`` names parse without train_decoder.py: modules/decoder_models.py)
+-> a frozen reference copy -> the SFT starting point's valid/test metrics -> the
 shared training loop (modules.training.train_loop: validation NDCG@10 every ``eval_every``
 steps, best/last checkpoints, early stopping, exact resume), where each step takes a batch of
 training windows (history -> target), draws a group of G candidate items per user from the
@@ -16,7 +18,8 @@ current policy (trie-constrained sampling or constrained beam search: every cand
 real item), scores them (rule / rank-aware / semantic rewards, summed) and minimises the GRPO
 loss (modules/grpo.py) -> test of the best-validation checkpoint, the SFT model counting as
 step 0 (best.pt is the SFT model itself when no GRPO validation beats its figure on the same
-validation users, so the output never validates below the input). The last stdout line is one
+validation users, so the output never validates below the input) -> ``out_dir/recommender``,
+its export (what ``GenerativeRecommender.from_pretrained(out_dir)`` loads). The last stdout line is one
 JSON object (train_decoder.py's keys, plus ``sft_valid`` / ``sft_test`` and the means over the
 training steps of the reward, the in-group hit rate (fraction of candidates that are the
 target), the fraction of groups holding it, KL, clip fraction and entropy).
@@ -52,36 +55,31 @@ Departures from the papers (DeepSeekMath's GRPO, MiniOneRec):
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from pathlib import Path
 
 import gin
-import numpy as np
 import torch
 
-import train_decoder  # noqa: F401 - registers train_decoder.* so the included SFT recipe parses
 from data.prepare import load_dataset, load_item_embeddings
 from modules import distributed
 from modules.beam_search import PrefixTrie
-from modules.decoder_models import load_recommender, load_tokenizer
+from modules.decoder_models import load_recommender  # also registers the included SFT recipe's gin names
 from modules.evaluation import evaluate_generative, popularity_ranking, ranking_metrics
-from modules.grpo import grpo_batch_loss
-from modules.reporting import machine_record
+from modules.grpo import STAT_KEYS, grpo_batch_loss, mean_stats, sft_metrics
+from modules.recommender import export_run, recommender_record, tokenizer_fingerprint, tokenizer_reference
+from modules.reporting import REPORT_KEYS, run_facts, stopped_result
 from modules.training import (
     StepOutput, atomic_torch_save, fingerprint, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
     resolved_config, seed_everything, train_loop, warmup_cosine,
 )
 
-REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
-STAT_KEYS = ("reward", "hit_rate", "group_hit", "kl", "clip_fraction", "entropy")
-
 
 @gin.configurable
 def train_grpo(
     sft_dir: str = "runs/decoder",  # a train_decoder.py out_dir (T5 or GPT) holding best.pt
-    tokenizer: str | None = None,  # None: the SFT recipe's train_decoder.tokenizer
+    tokenizer: str | None = None,  # a copy of the SFT run's tokenizer elsewhere; None: where its best.pt says
     out_dir: str = "runs/grpo",
     candidates: str = "sample",  # "sample" (trie-constrained sampling) or "beam" (G distinct items)
     group_size: int = 16,
@@ -125,11 +123,10 @@ def train_grpo(
 
     with distributed.rank0_first():  # under torchrun rank 0 prepares and caches the data, the others read it
         dataset = load_dataset()
-    tok = load_tokenizer(tokenizer or sft_binding("train_decoder.tokenizer"), dataset)
-    model, layout, sft_state = load_recommender(sft_dir, dataset, tok)
-    model.to(dev)
+    sft = load_recommender(sft_dir, dataset, tokenizer)  # its model, layout, tokenizer, record, best.pt
+    model, layout, tok, sft_state = sft.model.to(dev), sft.layout, sft.tokenizer, sft.state
     reference = copy.deepcopy(model).eval().requires_grad_(False)
-    architecture = sft_state["architecture"]
+    architecture = sft.record["config"]["architecture"]
     item_codes = tok.item_codes.to(dev)
     trie = PrefixTrie(item_codes, layout.codebook_sizes).to(dev)
     use_user = layout.num_user_buckets > 0
@@ -137,8 +134,12 @@ def train_grpo(
     if "semantic" in rewards:
         embeddings = torch.as_tensor(load_item_embeddings(dataset), device=dev)
     # The run's inputs beyond its bindings: the SFT weights it starts from are one of them.
-    identity = {"dataset": dataset.fingerprint(), "item_codes": fingerprint(tok.item_codes, str(tok.codebook_sizes)),
+    identity = {"dataset": dataset.fingerprint(), "item_codes": tokenizer_fingerprint(tok),
                 "sft_weights": fingerprint(*sft_state["model"].values())}
+    # What best.pt and the export say the model is and how it is served (modules/recommender/record.py).
+    record = recommender_record(model, architecture, dataset,
+                                tokenizer_reference(tokenizer, tok) if tokenizer else sft.record["config"]["tokenizer"],
+                                layout=layout, beam_size=beam_size, batch_size=eval_batch_size)
     train = dataset.train_examples()
     valid, test = dataset.eval_examples("valid"), dataset.eval_examples("test")
     optimizer = make_optimizer(model, lr, weight_decay)
@@ -151,10 +152,10 @@ def train_grpo(
                                    batch_size=eval_batch_size, use_user=use_user, device=dev)
 
     valid_sample = valid.sample(eval_users, seed)  # what every GRPO validation scores
-    sft = sft_metrics(out / "sft_metrics.json", {"sft_weights": identity["sft_weights"], "eval_users": eval_users,
-                                                 "seed": seed},
-                      lambda: (evaluate(valid), evaluate(test),
-                               None if valid_sample is valid else evaluate(valid_sample)))
+    sft_scores = sft_metrics(out / "sft_metrics.json",
+                             {"sft_weights": identity["sft_weights"], "eval_users": eval_users, "seed": seed},
+                             lambda: (evaluate(valid), evaluate(test),
+                                      None if valid_sample is valid else evaluate(valid_sample)))
     history: list[dict] = []  # per-step statistics of this process's steps
 
     def loss_fn(idx):
@@ -169,7 +170,7 @@ def train_grpo(
 
     # The SFT model is the run's step 0: a GRPO checkpoint becomes best.pt only when it validates
     # above it, so the output is never worse on validation than the input.
-    best_payload = {"layout": layout.to_dict(), "architecture": architecture}
+    best_payload = {"recommender": record}
     loop, logger = train_loop(
         model=model, optimizer=optimizer, scheduler=scheduler, num_examples=len(train), batch_size=batch_size,
         loss_fn=loss_fn, validate=lambda: evaluate(valid_sample), out_dir=out,
@@ -177,7 +178,7 @@ def train_grpo(
         max_train_minutes=max_train_minutes, stop_after_steps=stop_after_steps, log_every=log_every,
         resume=resume, wandb_mode=wandb_mode, wandb_project=wandb_project, run_name=run_name, identity=identity,
         script="train_grpo", desc="grpo", best_payload=best_payload,
-        initial_best=(sft["valid_sample"]["ndcg@10"], 0))
+        initial_best=(sft_scores["valid_sample"]["ndcg@10"], 0))
     train_stats = {f"train_{k}": v for k, v in mean_stats(history).items()}
     if history:  # the in-group hit rate of the first and the last log window of this process
         train_stats["hit_rate_first"] = mean_stats(history[:log_every])["hit_rate"]
@@ -185,16 +186,14 @@ def train_grpo(
     logger.summary(train_stats)
     if not loop.finished:  # stopped on purpose (stop_after_steps): resume later from last.pt
         logger.finish()
-        result = {"stopped_at_step": loop.step, "checkpoint": str(out / "last.pt"), **train_stats}
-        print_result(result)
-        return result
+        return stopped_result(out, loop.step, **train_stats)
 
     # ---- test the best-validation checkpoint (the SFT model itself when no GRPO step beat it)
     if loop.best_step == 0:
         if distributed.is_main():
-            atomic_torch_save({"model": sft_state["model"], "step": 0, "valid": sft["valid_sample"],
+            atomic_torch_save({"model": sft_state["model"], "step": 0, "valid": sft_scores["valid_sample"],
                                "config": resolved_config(), "identity": identity, **best_payload}, out / "best.pt")
-            print(f"[grpo] no validation beat the SFT model's ndcg@10 {sft['valid_sample']['ndcg@10']:.4f}: "
+            print(f"[grpo] no validation beat the SFT model's ndcg@10 {sft_scores['valid_sample']['ndcg@10']:.4f}: "
                   f"{out / 'best.pt'} is the SFT model", file=sys.stderr)
         distributed.barrier()
     load_best(model, out, identity, "train_grpo")
@@ -209,8 +208,8 @@ def train_grpo(
         "rewards": list(rewards),
         "valid": {k: valid_metrics[k] for k in REPORT_KEYS},
         "test": {k: test_metrics[k] for k in REPORT_KEYS},
-        "sft_valid": {k: sft["valid"][k] for k in REPORT_KEYS},
-        "sft_test": {k: sft["test"][k] for k in REPORT_KEYS},
+        "sft_valid": {k: sft_scores["valid"][k] for k in REPORT_KEYS},
+        "sft_test": {k: sft_scores["test"][k] for k in REPORT_KEYS},
         "popularity": {k: pop_metrics[k] for k in REPORT_KEYS},
         **train_stats,
         "steps": loop.step,
@@ -218,46 +217,14 @@ def train_grpo(
         "train_seconds": round(loop.train_seconds, 1),
         "eval_users_per_second": round(test_metrics["users_per_second"], 1),
         "beam_size": beam_size,
-        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
-        "seconds": round(time.time() - t_start, 1),
-        "machine": machine_record(None), "curve": loop.curve,  # fp32 training; RESULTS.md
+        **run_facts(dev, None, t_start), "curve": loop.curve,  # fp32 training; RESULTS.md
     }
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()
+    if distributed.is_main():  # what from_pretrained(out_dir) loads: modules/recommender/
+        result["recommender"] = str(export_run(out, record, model, tok, result))
     print_result(result, out)
     return result
-
-
-def sft_binding(name: str):
-    """A binding of the included SFT recipe, macros (``%RQVAE_DIR``) resolved."""
-    value = gin.query_parameter(name)
-    while isinstance(value, gin.config.ConfigurableReference) and value.scoped_selector.endswith("gin.macro"):
-        value = gin.query_parameter("%" + value.scoped_selector.split("/")[0])
-    return value
-
-
-def mean_stats(rows: list[dict]) -> dict:
-    return {k: float(np.mean([r[k] for r in rows])) for k in STAT_KEYS} if rows else {}
-
-
-def sft_metrics(path: Path, key: dict, compute) -> dict:
-    """The SFT model's metrics on the validation set (``valid``), the test set (``test``) and the
-    validation sample the GRPO run validates on (``valid_sample``; ``compute`` gives None when
-    that is the whole set), computed once per ``key`` (the SFT weights and the sample) and kept
-    in ``path``: a resumed run does not pay for a second full test (minutes on Beauty)."""
-    try:
-        stored = json.loads(path.read_text())
-        if all(stored.get(k) == v for k, v in key.items()) and "valid_sample" in stored:
-            return stored
-    except (OSError, ValueError):
-        pass
-    valid, test, valid_sample = compute()  # under torchrun: sharded over every rank, rank 0 writes
-    record = {**key, "valid": valid, "test": test, "valid_sample": valid if valid_sample is None else valid_sample}
-    if distributed.is_main():
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")
-        tmp.replace(path)
-    return record
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -60,24 +60,22 @@ import time
 from pathlib import Path
 
 import gin
-import numpy as np
 import torch
-from tqdm import tqdm
 
 from data.prepare import load_dataset, load_item_embeddings
 from modules import distributed
 from modules.beam_search import PrefixTrie
-from modules.decoder_models import build_model, load_tokenizer
-from modules.etegrec import JointModel, PhaseSchedule, RefreshLog, codes_were_rebalanced, final_code_stats
+from modules.decoder_models import build_model, load_tokenizer, training_precision
+from modules.etegrec import (
+    CodeRefresher, JointModel, PhaseSchedule, RefreshLog, codes_were_rebalanced, final_code_stats, start_layout,
+)
 from modules.evaluation import evaluate_generative
 from modules.objectives import sliding_window_loss
-from modules.quantizers.rqvae import RQVAE
-from modules.recommender import export_run, from_training, run_record
-from modules.reporting import machine_record, test_report
-from modules.semantic_ids import SemanticIdTokenizer, collision_stats
-from modules.tokens import TokenLayout
+from modules.recommender import RUN_EXPORT, export_run, recommender_record, tokenizer_reference
+from modules.reporting import run_facts, stopped_result, test_report
+from modules.semantic_ids import SemanticIdTokenizer
 from modules.training import (
-    SummedLoss, autocast_dtype, fingerprint, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
+    SummedLoss, fingerprint, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
     seed_everything, train_loop, warmup_cosine,
 )
 
@@ -135,14 +133,9 @@ def train_joint(
         dataset = load_dataset()
         emb = torch.from_numpy(load_item_embeddings(dataset)).float().to(dev)
     start = load_tokenizer(tokenizer, dataset)
-    if not isinstance(start.quantizer, RQVAE) or start.item_codes.shape[1] != len(start.quantizer.codebook_sizes) + 1:
-        raise ValueError(f"train_joint.tokenizer = {tokenizer!r}: need a train_rqvae.py RQ-VAE tokenizer with one dedup "
-                         f"level, got {type(start.quantizer).__name__} with {start.item_codes.shape[1]} code levels")
-    capacity = dedup_capacity or max(start.codebook_sizes[-1], 4 * collision_stats(start.item_codes[:, :-1])["max_group"])
-    layout = TokenLayout((*start.quantizer.codebook_sizes, capacity), num_user_buckets=num_user_buckets)
-    model = JointModel(build_model("t5", layout, dataset), start.quantizer, start.item_codes, capacity, head_hidden,
-                       rebalance=codes_were_rebalanced(start.quantizer, start.item_codes, emb))
-    model.to(dev)
+    layout = start_layout(start, tokenizer, dedup_capacity, num_user_buckets)  # its levels + a dedup level
+    model = JointModel(build_model("t5", layout, dataset), start.quantizer, start.item_codes, layout.codebook_sizes[-1],
+                       head_hidden, rebalance=codes_were_rebalanced(start.quantizer, start.item_codes, emb)).to(dev)
     # The run's inputs beyond its bindings: data, embeddings, the starting tokenizer (weights + codes).
     identity = {"dataset": dataset.fingerprint(), "embeddings": fingerprint(emb),
                 "tokenizer": fingerprint(start.item_codes, *start.quantizer.state_dict().values())}
@@ -168,32 +161,17 @@ def train_joint(
                                    use_user=use_user, device=dev)
 
     # bf16 autocast for the T5 where it measures faster here (the cache train_decoder.py's T5 uses).
-    probe = np.random.default_rng(seed).choice(len(train), min(len(train), batch_size), replace=False)
-    amp = autocast_dtype(dev, precision, benchmark=lambda dt: ce_loss(model.t5, model.item_codes, probe, dt).mean().backward(),
-                         cache_key=f"decoder|sliding|{model.t5.config}|batch={len(probe)}|chunk={train_chunk}")
-    model.zero_grad(set_to_none=True)
+    amp = training_precision(dev, precision, model.t5, lambda idx, dt: ce_loss(model.t5, model.item_codes, idx, dt),
+                             len(train), batch_size, seed, "sliding", train_chunk)
 
     # ---- stage 1: alternating tokenizer / recommender epochs
     optimizer = make_optimizer(model, lr_rec, weight_decay, module_lrs={model.rqvae: lr_id})
     scheduler = warmup_cosine(optimizer, warmup_steps, max_steps)
-    refreshes = RefreshLog(out / "joint" / "refreshes.json")
-    phase, first_step = schedule(0), None
-
-    def before_step(step, epoch):
-        nonlocal phase, first_step
-        if first_step is None:  # this process's first step: later refresh records are redone
-            first_step = step
-            if distributed.is_main():
-                refreshes.resume_at(step)
-        phase = schedule(step)
-        if phase.refresh:
-            stats = model.refresh_codes(emb, step)  # every rank: the same weights give the same codes
-            if distributed.is_main():
-                refreshes.add(stats)
-                tqdm.write(f"[joint] {stats.line()}", file=sys.stderr)
+    steps = CodeRefresher(model, emb, schedule, RefreshLog(out / "joint" / "refreshes.json"))  # phases, code refreshes
 
     def joint_loss(idx):
-        return model.loss(layout, emb, *tensors(idx), phase, sia_weight, psa_weight, temperature, amp, train_chunk)
+        return model.loss(layout, emb, *tensors(idx), steps.phase, sia_weight, psa_weight, temperature, amp,
+                          train_chunk)
 
     loop, logger = train_loop(
         model=model, optimizer=optimizer, scheduler=scheduler, num_examples=len(train), batch_size=batch_size,
@@ -202,26 +180,23 @@ def train_joint(
         patience=patience, max_train_minutes=max_train_minutes, stop_after_steps=stop_after_steps,
         log_every=log_every, resume=resume, wandb_mode=wandb_mode, wandb_project=wandb_project,
         run_name=f"{run_name or out.name}-joint", identity=identity, script="train_joint", desc="joint",
-        before_step=before_step)
+        before_step=steps)
     logger.finish()
-
-    def stopped(stage, step):  # stopped on purpose (stop_after_steps): resume later from last.pt
-        result = {"stopped_at_step": step, "stage": stage, "checkpoint": str(out / stage / "last.pt")}
-        print_result(result)
-        return result
-
-    if not loop.finished:
-        return stopped("joint", loop.step)
+    if not loop.finished:  # stopped on purpose (stop_after_steps): resume later from last.pt
+        return stopped_result(out / "joint", loop.step, stage="joint")
 
     # ---- stage 2: fine-tune the recommender of stage 1's best checkpoint on its codes, CE only
     joint_best = load_best(model, out / "joint", identity, "train_joint")
     t5, codes = model.t5, model.item_codes.clone()
     ft_identity = {**identity, "item_codes": fingerprint(codes, str(layout.codebook_sizes)),
                    "joint_weights": fingerprint(*joint_best["model"].values())}
+    # The final tokenizer (stage 1's RQ-VAE + codes), which the run exports with the fine-tuned T5.
+    tok = SemanticIdTokenizer(model.rqvae, codes, layout.codebook_sizes, raw_ids=dataset.items["raw_id"].to_list())
+    record = recommender_record(t5, "t5", dataset, tokenizer_reference(out / RUN_EXPORT / "tokenizer", tok),
+                                layout=layout, beam_size=beam_size, batch_size=eval_batch_size)
     optimizer = make_optimizer(t5, finetune_lr, weight_decay)
     scheduler = warmup_cosine(optimizer, finetune_warmup_steps, finetune_steps)
-    done_here = 0 if first_step is None else loop.step - first_step  # stage-1 steps of this process
-    steps_left = None if stop_after_steps is None else max(0, stop_after_steps - done_here)
+    steps_left = steps.budget_left(stop_after_steps, loop.step)  # of stop_after_steps, after stage 1's steps here
     ft, logger = train_loop(
         model=t5, optimizer=optimizer, scheduler=scheduler, num_examples=len(train), batch_size=batch_size,
         loss_fn=lambda idx: ce_loss(t5, codes, idx, amp), validate=lambda: evaluate(t5, codes, valid_sample),
@@ -229,10 +204,10 @@ def train_joint(
         grad_clip=grad_clip, patience=patience, max_train_minutes=finetune_minutes, stop_after_steps=steps_left,
         log_every=log_every, resume=resume, wandb_mode=wandb_mode, wandb_project=wandb_project,
         run_name=f"{run_name or out.name}-finetune", identity=ft_identity, script="train_joint", desc="finetune",
-        best_payload={"layout": layout.to_dict(), "architecture": "t5"})
+        best_payload={"recommender": record})
     if not ft.finished:
         logger.finish()
-        return stopped("finetune", ft.step)
+        return stopped_result(out / "finetune", ft.step, stage="finetune")
 
     # ---- test the best-validation checkpoint of stage 2, as train_decoder.py does
     load_best(t5, out / "finetune", ft_identity, "train_joint")
@@ -252,22 +227,17 @@ def train_joint(
         "train_seconds": round(ft.train_seconds, 1),
         "joint": {"steps": loop.step, "best_step": loop.best_step, "best_valid_ndcg@10": loop.best,
                   "train_seconds": round(loop.train_seconds, 1), "epoch_steps": schedule.epoch_steps},
-        "refreshes": refreshes.records,
+        "refreshes": steps.log.records,
         "final_codes": final_code_stats(model, emb, start.item_codes),
-        "dedup_capacity": capacity,
+        "dedup_capacity": layout.codebook_sizes[-1],
         "beam_size": beam_size,
-        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
-        "seconds": round(time.time() - t_start, 1),
-        "machine": machine_record(amp),  # RESULTS.md; the curve: stage 1, then stage 2 after it
+        **run_facts(dev, amp, t_start),  # RESULTS.md; the curve: stage 1, then stage 2 after it
         "curve": loop.curve + [[s + loop.step, t + loop.train_seconds, v] for s, t, v in ft.curve],
     }
     logger.summary({f"test/{k}": v for k, v in result["test"].items()})
     logger.finish()
-    # The recommender folder's tokenizer/ is the final tokenizer (trained RQ-VAE + final codes).
-    tok = SemanticIdTokenizer(model.rqvae, codes, layout.codebook_sizes, raw_ids=dataset.items["raw_id"].to_list())
-    rec = from_training(t5, "t5", tok, dataset, layout=layout, beam_size=beam_size, batch_size=eval_batch_size,
-                        run=run_record(result), checkpoint=out / "finetune" / "best.pt")
-    folder = export_run(out, rec, push_to_hub)  # what from_pretrained(out_dir) loads, and what is pushed
+    # What from_pretrained(out_dir) loads, and what is pushed; its tokenizer/ is the final tokenizer.
+    folder = export_run(out, record, t5, tok, result, push_to_hub, checkpoint=out / "finetune" / "best.pt")
     result.update(recommender=str(folder), tokenizer=str(folder / "tokenizer"))
     if push_to_hub:
         result["hub"] = push_to_hub

@@ -64,18 +64,17 @@ def step_seconds(models: dict, batches, amp, warmup: int = 2) -> dict[str, float
 def decoding(run: str, configs: list[str], users: int, batch: int) -> dict:
     import gin
 
-    import train_decoder  # noqa: F401 - registers the gin names the run's configs bind
+    import modules.decoder_models  # noqa: F401 - registers the gin names the run's configs bind
     from data.prepare import load_dataset
-    from modules.decoder_models import load_tokenizer
+    from modules.recommender import build_model, record_of
 
     for c in configs:
         gin.parse_config_file(c)
     gin.finalize()
     state = torch.load(Path(run) / "best.pt", map_location="cpu", weights_only=False)
+    config = record_of(Path(run) / "best.pt", state)["config"]  # the run's model config; its item codes: weights
     dataset = load_dataset()
-    tok_name = gin.query_parameter("train_decoder.tokenizer")
-    tok = load_tokenizer(tok_name, dataset)
-    model = RPG(RPGConfig(**state["model_config"]), tok.item_codes)
+    model = build_model("rpg", config["model_config"])
     model.load_state_dict(state["model"])
     model.eval()
     valid = dataset.eval_examples("valid")
@@ -99,7 +98,7 @@ def decoding(run: str, configs: list[str], users: int, batch: int) -> dict:
             "graph_build_seconds": round(graph_seconds, 1),
             "graph_users_per_second": round(len(history) / graph_decode_seconds, 1),
             "graph_recall_of_exact_top10": round(recall, 4), "graph": {"n_edges": 100, "beams": 10, "steps": 3},
-            "model_config": state["model_config"], "best_step": state.get("step")}
+            "model_config": config["model_config"], "best_step": state.get("step")}
 
 
 def main(argv=None) -> dict:

@@ -1,24 +1,35 @@
-"""Building and loading the semantic-ID recommenders of train_decoder.py, shared by the scripts
-that train them (train_decoder.py) and fine-tune them (train_grpo.py).
+"""Building and loading the recommenders of train_decoder.py, shared by the scripts that train
+them (train_decoder.py) and fine-tune them (train_grpo.py), and the gin names a train_decoder.py
+recipe binds.
 
-The model sizes come from the gin bindings ``T5Config.*`` / ``GPTConfig.*`` / ``SASRecConfig.*``
-(the recipe's config), the vocabulary from the token layout: a checkpoint is rebuilt by
-parsing the same config and the layout stored in its ``best.pt`` payload.
+A new model's sizes come from the gin bindings ``T5Config.*`` / ``GPTConfig.*`` /
+``SASRecConfig.*`` / ``RPGConfig.*`` (the recipe's config), its vocabulary from the token layout.
+A trained one is rebuilt from the recommender record its ``best.pt`` carries
+(modules/recommender/record.py), whatever gin config is in force.
+
+Importing this module registers every gin name of a train_decoder.py recipe, ``train_decoder.*``
+included (:func:`train_decoder_settings`), so a script whose config includes such a recipe
+(train_grpo.py: the SFT run's, for its data settings) parses it without importing train_decoder.py.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import NamedTuple
 
 import gin
+import numpy as np
 import torch
 
+from modules.recommender import build_model as model_from_config
+from modules.recommender import record_of, split_tries, tokenizer_fingerprint, tokenizer_location
 from modules.rpg import RPG, RPGConfig
 from modules.rpg_graph import GraphScores
 from modules.sasrec import SASRec, SASRecConfig
 from modules.semantic_ids import SemanticIdTokenizer
 from modules.tokens import TokenLayout
-from modules.training import fingerprint
+from modules.training import autocast_dtype
 from modules.transformers.gpt import GPT, GPTConfig
 from modules.transformers.recgpt import build_recgpt
 from modules.transformers.t5 import T5, T5Config
@@ -32,6 +43,44 @@ GPTConfigBound = gin.external_configurable(GPTConfig)
 SASRecConfigBound = gin.external_configurable(SASRecConfig)
 RPGConfigBound = gin.external_configurable(RPGConfig)
 GraphScoresBound = gin.external_configurable(GraphScores)  # RPG's graph decoding: n_edges, graph_beams, ...
+ARCHITECTURES = ("t5", "gpt", "recgpt", "rpg", "sasrec")
+TRAIN_MODES = {"t5": ("sliding",), "gpt": ("sliding", "all_positions"), "recgpt": ("all_positions",),
+               "rpg": ("all_positions",), "sasrec": ("all_positions",)}
+
+
+@gin.configurable("train_decoder")
+def _train_decoder_bindings(**settings) -> dict:
+    return settings
+
+
+def train_decoder_settings(train_fn) -> dict:
+    """train_decoder.py's settings as the gin config in force binds them (``train_decoder.*``,
+    macros resolved), checked against the parameters of ``train_fn`` (its ``train_decoder``).
+
+    The gin name ``train_decoder`` is registered here rather than on that function, so that it
+    exists wherever this module is imported (see the module docstring); which parameters it has
+    is the function's signature, checked here as gin checks a configurable's."""
+    settings = _train_decoder_bindings()
+    unknown = sorted(set(settings) - set(inspect.signature(train_fn).parameters))
+    if unknown:
+        raise ValueError(f"gin config: {', '.join(f'train_decoder.{k}' for k in unknown)}: no such parameter of "
+                         f"train_decoder.py's train_decoder")
+    return settings
+
+
+def check_settings(architecture: str, train_mode: str, decoding: str, tokenizer: str | None) -> None:
+    """train_decoder.py's settings that must fit together; a ValueError naming them otherwise."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"train_decoder.architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    if decoding not in ("exact", "graph") or (decoding == "graph" and architecture != "rpg"):
+        raise ValueError(f"train_decoder.decoding must be 'exact', or 'graph' for architecture 'rpg'; got "
+                         f"{decoding!r} for {architecture!r}")
+    if train_mode not in TRAIN_MODES[architecture]:
+        raise ValueError(f"train_decoder.train_mode must be one of {TRAIN_MODES[architecture]} for architecture "
+                         f"{architecture!r} ('all_positions' for gpt, recgpt or sasrec only), got {train_mode!r}")
+    if architecture != "sasrec" and not tokenizer:
+        raise ValueError(f"train_decoder.tokenizer is required for architecture {architecture!r}: a train_rqvae.py "
+                         "output dir or a Hub repo id (only architecture 'sasrec' needs none)")
 
 
 def load_tokenizer(name: str, dataset) -> SemanticIdTokenizer:
@@ -82,36 +131,65 @@ def build_model(architecture: str, layout: TokenLayout | None, dataset,
     return SASRec(SASRecConfigBound(num_items=dataset.num_items, max_len=dataset.max_history))
 
 
-def load_recommender(run_dir: str | Path, dataset, tok: SemanticIdTokenizer) -> tuple[torch.nn.Module, TokenLayout, dict]:
-    """The best-validation semantic-ID recommender of a train_decoder.py run: ``(model, layout, state)``.
+def training_precision(dev: torch.device, precision: str, model: torch.nn.Module, loss, num_examples: int,
+                       batch_size: int, seed: int, train_mode: str, train_chunk: int | None) -> torch.dtype | None:
+    """A decoder's training autocast dtype (train_decoder.py's; train_joint.py's T5): ``precision``
+    'auto' takes bf16 where one probe batch's forward + backward (``loss(idx, dtype)``, a
+    SummedLoss) measures faster than fp32 on this machine, cached per model config, train mode,
+    batch and chunk (``modules.training.autocast_dtype``); the probe's gradients are cleared."""
+    probe = np.random.default_rng(seed).choice(num_examples, min(num_examples, batch_size), replace=False)
+    amp = autocast_dtype(dev, precision, benchmark=lambda dt: loss(probe, dt).mean().backward(),
+                         cache_key=f"decoder|{train_mode}|{model.config}|batch={len(probe)}|chunk={train_chunk}")
+    model.zero_grad(set_to_none=True)
+    return amp
 
-    Rebuilt from ``<run_dir>/best.pt``'s ``architecture`` and ``layout`` payload with the model
-    sizes of the gin config in force; refused, naming the file, when it is no T5/GPT checkpoint,
-    was trained on other data or other item codes than ``dataset`` / ``tok``, or does not fit the
-    rebuilt model (another recipe's sizes). ``state`` is the whole checkpoint dict."""
+
+def cold_slot_tries(cold_slots: int, item_codes: torch.Tensor | None, layout: TokenLayout | None, cold) -> tuple | None:
+    """train_decoder.cold_slots: the item tries of the items trained on and of the held-out ones
+    (``cold``, the dataset's mask), searched apart (None without slots). ``item_codes`` None: a
+    model that ranks every item (sasrec, rpg), which has no tries to reserve slots in."""
+    if not cold_slots:
+        return None
+    if item_codes is None or cold is None:
+        raise ValueError(f"train_decoder.cold_slots = {cold_slots} needs beam search (not sasrec/rpg) and a cold-start "
+                         "or zero-shot split (load_dataset.cold_items or load_dataset.holdout_domain)")
+    return split_tries(item_codes, layout.codebook_sizes, cold)
+
+
+class Recommender(NamedTuple):
+    """A trained semantic-ID recommender as :func:`load_recommender` rebuilds it."""
+
+    model: torch.nn.Module
+    layout: TokenLayout
+    tokenizer: SemanticIdTokenizer
+    record: dict  # its recommender record (modules/recommender/record.py)
+    state: dict  # the whole best.pt
+
+
+def load_recommender(run_dir: str | Path, dataset, tokenizer: str | None = None) -> Recommender:
+    """The best-validation T5 or GPT of a train_decoder.py run (or of a run that fine-tuned one),
+    rebuilt from ``<run_dir>/best.pt``'s recommender record with its tokenizer (``tokenizer``: a
+    path or Hub id of the same tokenizer elsewhere; default: where the record says).
+
+    Refused, naming the file, when it has no record (an earlier version's checkpoint), is no
+    T5/GPT, or was trained on other data or other item codes than ``dataset`` / the tokenizer."""
     path = Path(run_dir) / "best.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: train the recommender first (train_decoder.py with "
                                 f"out_dir = '{run_dir}')")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    architecture, layout_dict = state.get("architecture"), state.get("layout")
-    if architecture not in ("t5", "gpt") or layout_dict is None:
-        raise ValueError(f"{path}: architecture {architecture!r} with layout {layout_dict!r}; need a semantic-ID "
-                         "recommender ('t5' or 'gpt') written by train_decoder.py")
-    layout = TokenLayout.from_dict(layout_dict)
-    if layout.codebook_sizes != tuple(tok.codebook_sizes):
-        raise ValueError(f"{path}: layout codebook_sizes {layout.codebook_sizes} but the tokenizer has "
-                         f"{tuple(tok.codebook_sizes)}: the recommender was trained on another tokenizer")
-    stored = state.get("identity") or {}
-    current = {"dataset": dataset.fingerprint(), "item_codes": fingerprint(tok.item_codes, str(tok.codebook_sizes))}
+    record = record_of(path, state)
+    config = record["config"]
+    if config["architecture"] not in ("t5", "gpt"):
+        raise ValueError(f"{path}: architecture {config['architecture']!r}; need a semantic-ID recommender "
+                         "('t5' or 'gpt') written by train_decoder.py")
+    tok = load_tokenizer(tokenizer or tokenizer_location(config["tokenizer"]), dataset)
+    stored = {"dataset": (state.get("identity") or {}).get("dataset"), "item_codes": config["tokenizer"]["fingerprint"]}
+    current = {"dataset": dataset.fingerprint(), "item_codes": tokenizer_fingerprint(tok)}
     for name, value in current.items():
-        if name in stored and stored[name] != value:
+        if stored[name] is not None and stored[name] != value:
             raise ValueError(f"{path}: trained on other {name.replace('_', ' ')} (fingerprint {stored[name]}, "
                              f"now {value}): a retrained tokenizer or other data under the same names")
-    model = build_model(architecture, layout, dataset)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise RuntimeError(f"{path}: its weights do not fit the {architecture} built from the current gin config "
-                           f"(include the recipe the recommender was trained with):\n{e}") from e
-    return model, layout, state
+    model = model_from_config(config["architecture"], config["model_config"])
+    model.load_state_dict(state["model"])
+    return Recommender(model, TokenLayout.from_dict(config["layout"]), tok, record, state)

@@ -15,6 +15,8 @@ Tokenization"): the pieces of train_joint.py, written from the paper's descripti
 - :class:`JointModel`: T5 + RQ-VAE + the two heads + the item-code buffer, its per-phase loss
   (the frozen side runs without gradient) and the code refresh (:class:`RefreshStats`), which
   keeps a starting tokenizer's LC-Rec rebalancing (:func:`codes_were_rebalanced`).
+- :func:`start_layout`: the token layout a starting tokenizer gives (its levels + a dedup level);
+  :class:`CodeRefresher`: stage 1's per-step hook (the phase; codes recomputed, refreshes logged).
 
 Departures from the paper are listed in train_joint.py's docstring (among them the tokenizer's
 input: whatever ``load_item_embeddings`` gives, MiniLM text embeddings in the README's Beauty
@@ -26,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
+from modules import distributed
 from modules.quantizers.rqvae import RQVAE, item_sq_error, mlp
 from modules.semantic_ids import add_dedup_level, codebook_usage, collision_stats
 from modules.tokens import TokenLayout
@@ -328,6 +333,49 @@ class JointModel(nn.Module):
 
 
 @torch.no_grad()
+def start_layout(start, name: str, dedup_capacity: int | None, num_user_buckets: int) -> TokenLayout:
+    """The token layout of a joint run from its starting tokenizer ``start`` (a SemanticIdTokenizer,
+    ``train_joint.tokenizer = name``): its RQ-VAE's levels plus a dedup level of ``dedup_capacity``
+    codes (None: max(the start's dedup size, 4 x its largest collision group): the recommender's
+    vocabulary is fixed while the codes change); a ValueError when ``start`` is no RQ-VAE
+    tokenizer with one dedup level."""
+    if not isinstance(start.quantizer, RQVAE) or start.item_codes.shape[1] != len(start.quantizer.codebook_sizes) + 1:
+        raise ValueError(f"train_joint.tokenizer = {name!r}: need a train_rqvae.py RQ-VAE tokenizer with one dedup "
+                         f"level, got {type(start.quantizer).__name__} with {start.item_codes.shape[1]} code levels")
+    capacity = dedup_capacity or max(start.codebook_sizes[-1], 4 * collision_stats(start.item_codes[:, :-1])["max_group"])
+    return TokenLayout((*start.quantizer.codebook_sizes, capacity), num_user_buckets=num_user_buckets)
+
+
+class CodeRefresher:
+    """Stage 1's ``before_step`` hook (train_joint.py): ``phase``, the current step's phase of
+    ``schedule``, and before the first step of each tokenizer epoch the item codes recomputed on
+    every rank (the same weights give the same codes), the refresh logged by rank 0 to ``log``.
+    ``first_step``: this process's first step; a resumed run redoes the log's records from it."""
+
+    def __init__(self, model: JointModel, emb: Tensor, schedule: PhaseSchedule, log: RefreshLog):
+        self.model, self.emb, self.schedule, self.log = model, emb, schedule, log
+        self.phase, self.first_step = schedule(0), None
+
+    def __call__(self, step: int, epoch: int) -> None:
+        if self.first_step is None:
+            self.first_step = step
+            if distributed.is_main():
+                self.log.resume_at(step)
+        self.phase = self.schedule(step)
+        if self.phase.refresh:
+            stats = self.model.refresh_codes(self.emb, step)
+            if distributed.is_main():
+                self.log.add(stats)
+                tqdm.write(f"[joint] {stats.line()}", file=sys.stderr)
+
+    def budget_left(self, stop_after_steps: int | None, step: int) -> int | None:
+        """What is left of a step budget for this process (``stop_after_steps``; None: none) once
+        stage 1 has reached ``step``: the budget less the stage-1 steps this process ran."""
+        if stop_after_steps is None:
+            return None
+        return max(0, stop_after_steps - (0 if self.first_step is None else step - self.first_step))
+
+
 def final_code_stats(model: JointModel, emb: Tensor, start_codes: Tensor) -> dict:
     """The figures of ``model.item_codes`` (e.g. at the selected checkpoint): collisions and usage
     before dedup, items whose ID differs from ``start_codes``, and whether they are the RQ-VAE's

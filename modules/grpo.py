@@ -9,15 +9,22 @@ One user's group is G candidate items (``modules/sampling.py``) with rewards
 with log pi(o) the item's sequence log-probability (its L code tokens summed, teacher-forced)
 and KL the k3 estimator ``exp(d) - d - 1``, d = log pi_ref - log pi, per token, summed over
 the item's tokens. The loss is minus its mean over the n x G candidates.
+
+Also the bookkeeping of train_grpo.py's runs: :data:`STAT_KEYS` and :func:`mean_stats` (the
+per-step statistics it logs and reports), :func:`sft_metrics` (its SFT start's metrics, once).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import json
+from pathlib import Path
+from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from modules import distributed
 from modules.beam_search import PrefixTrie
 from modules.rewards import group_rewards
 from modules.sampling import generate_candidates
@@ -106,3 +113,33 @@ def grpo_batch_loss(policy, reference, layout: TokenLayout, item_codes: torch.Te
     hit = (cands.items == target[:, None]).float()
     return GRPOStats(out.loss, float(reward.mean()), float(hit.mean()), float(hit.any(1).float().mean()), float(out.kl),
                      float(out.clip_fraction), float(entropy.detach().mean()))
+
+
+# ----------------------------------------------------------------------------- train_grpo.py's runs
+
+STAT_KEYS = ("reward", "hit_rate", "group_hit", "kl", "clip_fraction", "entropy")  # of GRPOStats, per step
+
+
+def mean_stats(rows: list[dict]) -> dict:
+    """The mean of each of :data:`STAT_KEYS` over per-step statistics ``rows`` ({} when none)."""
+    return {k: float(np.mean([r[k] for r in rows])) for k in STAT_KEYS} if rows else {}
+
+
+def sft_metrics(path: Path, key: dict, compute: Callable[[], tuple]) -> dict:
+    """The SFT model's metrics on the validation set (``valid``), the test set (``test``) and the
+    validation sample the GRPO run validates on (``valid_sample``; ``compute`` gives None when
+    that is the whole set), computed once per ``key`` (the SFT weights and the sample) and kept
+    in ``path``: a resumed run does not pay for a second full test (minutes on Beauty)."""
+    try:
+        stored = json.loads(path.read_text())
+        if all(stored.get(k) == v for k, v in key.items()) and "valid_sample" in stored:
+            return stored
+    except (OSError, ValueError):
+        pass
+    valid, test, valid_sample = compute()  # under torchrun: sharded over every rank, rank 0 writes
+    record = {**key, "valid": valid, "test": test, "valid_sample": valid if valid_sample is None else valid_sample}
+    if distributed.is_main():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")
+        tmp.replace(path)
+    return record

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -17,11 +19,20 @@ from modules.evaluation import (
     combine_metrics, evaluate_groups, keeping_ranks, popularity_ranking, ranking_metrics, target_ranks,
 )
 from modules.intervals import RunRanks, bootstrap_interval
+from modules.training import print_result
 
 REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 # How many training jobs shared the machine while a run trained (its result's
 # machine.jobs_sharing_machine; bench/leaderboard.sh sets it, e.g. 2 for two runs on two cores).
 JOBS_ENV = "SIDREC_JOBS"
+
+
+def stopped_result(checkpoint_dir, step: int, **extra) -> dict:
+    """The result of a run stopped on purpose (``stop_after_steps``): the step and the checkpoint
+    it resumes from (``checkpoint_dir/last.pt``), printed as the last stdout line."""
+    result = {"stopped_at_step": step, **extra, "checkpoint": str(Path(checkpoint_dir) / "last.pt")}
+    print_result(result)
+    return result
 
 
 def split_fingerprint(dataset) -> str:
@@ -145,6 +156,16 @@ def _interval(ranks) -> dict:
     """The bootstrap interval of each of the REPORT_KEYS."""
     every = bootstrap_interval(ranks)
     return {k: every[k] for k in REPORT_KEYS}
+
+
+def run_facts(dev, amp, t_start: float) -> dict:
+    """A train script's result entries on where and how long it ran: ``device`` (the GPU's name
+    on CUDA), ``seconds`` since ``t_start`` (a ``time.time()``) and ``machine`` (:func:`machine_record`
+    of the training precision ``amp``; RESULTS.md's columns, bench/results_table.py)."""
+    import torch
+
+    return {"device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+            "seconds": round(time.time() - t_start, 1), "machine": machine_record(amp)}
 
 
 def machine_record(amp=None) -> dict:

@@ -5,6 +5,9 @@ after a short SFT run (the in-group hit rate rises; exact resume)."""
 
 import itertools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ import train_grpo
 import train_rqvae
 from modules.beam_search import PrefixTrie
 from modules.grpo import grpo_batch_loss, grpo_objective, group_advantages
+from modules.recommender import GenerativeRecommender, RecordMissingError
 from modules.rewards import group_rewards, rank_reward, rule_reward, semantic_reward
 from modules.sampling import beam_candidates, sample_items
 from modules.tokens import TokenLayout
@@ -341,3 +345,44 @@ def test_grpo_refuses_its_sft_dir(sft):
     root = sft[0]
     with pytest.raises(ValueError, match="SFT run's folder"):
         grpo(sft, root / "sft")
+
+
+def test_grpo_imports_no_train_script():
+    """train_grpo.py's configs include a train_decoder.py recipe (its data settings; and
+    bench/leaderboard.sh passes the SFT run's configs): its train_decoder.* names parse with
+    train_grpo.py alone imported (modules/decoder_models.py registers them), in a fresh process."""
+    code = ("import sys, gin, train_grpo\n"
+            "from modules.training import parse_gin_cli\n"
+            "parse_gin_cli(['configs/grpo_gpt_amazon.gin', 'bench/configs/beauty_local.gin', 'bench/configs/cpu_grpo.gin'])\n"
+            "assert not [m for m in sys.modules if m.startswith('train_') and m != 'train_grpo'], sys.modules\n"
+            "print(gin.query_parameter('train_decoder.architecture'), gin.query_parameter('GPTConfig.num_layers'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["gpt", "2"]
+
+
+def test_grpo_starts_from_the_sft_record_and_exports(sft, tmp_path):
+    """The SFT model is rebuilt from its best.pt's recommender record, not from the sizes of the
+    gin config in force (here another T5 size, which used to fail to load its weights); the GRPO
+    run's best.pt carries a record of its own and the run exports what from_pretrained serves.
+    An SFT best.pt without a record is refused, naming it."""
+    root = sft[0]
+    res = grpo(sft, tmp_path / "run", "T5Config.d_model = 48", "train_grpo.max_steps = 2", "train_grpo.eval_every = 2",
+               "train_grpo.eval_users = 50")
+    assert res["steps"] == 2 and res["recommender"] == str(tmp_path / "run" / "recommender")
+    record = torch.load(tmp_path / "run" / "best.pt", weights_only=False)["recommender"]
+    sft_record = torch.load(root / "sft" / "best.pt", weights_only=False)["recommender"]
+    assert record["config"]["model_config"] == sft_record["config"]["model_config"]
+    assert record["config"]["tokenizer"] == sft_record["config"]["tokenizer"]
+    assert record["config"]["beam_size"] == 10  # the GRPO run's (configs/tiny/grpo_tiny.gin)
+    rec = GenerativeRecommender.from_pretrained(tmp_path / "run", device="cpu")
+    assert rec.config["checkpoint"] and rec.architecture == "t5"
+    old = tmp_path / "old_sft"
+    old.mkdir()
+    state = torch.load(root / "sft" / "best.pt", weights_only=False)
+    state.pop("recommender")
+    torch.save(state, old / "best.pt")
+    with pytest.raises(RecordMissingError, match=f"{old}: best.pt has no recommender record"):
+        run_script(train_grpo.main, "configs/tiny/grpo_tiny.gin", sft[1] + [
+            f"train_grpo.sft_dir = '{old}'", f"train_grpo.out_dir = '{tmp_path / 'from_old'}'"])

@@ -4,6 +4,7 @@ the command line."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import train_rqvae
 from data.prepare import load_dataset
 from modules.beam_search import beam_search
 from modules.evaluation import ranking_metrics
-from modules.recommender import GenerativeRecommender, StaleExportError, UnknownItemError
+from modules.recommender import GenerativeRecommender, RecordMissingError, StaleExportError, UnknownItemError
 from tests.fixtures import dataset_bindings, run_script, write_p5_dataset
 
 import recommend
@@ -182,6 +183,83 @@ def test_push_sends_what_save_pretrained_writes(runs, arch, tmp_path, monkeypatc
     script = {"gpt": "train_decoder", "actionpiece": "train_actionpiece"}[arch]
     assert "How it was made" in card and f"{script}.max_steps = 20" in card  # the command and gin config
     assert "ndcg@10" in card and "from_pretrained" in card and "p5-data" in card
+
+
+def bare_run(src: Path, dest: Path, edit=None) -> Path:
+    """``dest``: a run folder holding a copy of ``src``'s best.pt (``edit`` applied to it) and
+    result.json, without the export, so that from_pretrained rebuilds it from best.pt."""
+    dest.mkdir()
+    state = torch.load(src / "best.pt", weights_only=False)
+    if edit is not None:
+        edit(state)
+    torch.save(state, dest / "best.pt")
+    shutil.copy(src / "result.json", dest / "result.json")
+    return dest
+
+
+@pytest.mark.parametrize("arch", ["t5", "actionpiece"])
+def test_checkpoint_record_is_all_a_rebuild_reads(runs, arch, tmp_path, monkeypatch):
+    """best.pt carries the recommender record (model config, tokenizer reference, decoding
+    settings, item table); the export's config.json is the same config plus the run; a run
+    folder without the export is rebuilt from best.pt alone (the dataset is not read)."""
+    root, _, _, dataset = runs
+    ex, histories = histories_of(dataset)
+    record = torch.load(root / arch / "best.pt", weights_only=False)["recommender"]
+    exported = json.loads((root / arch / "recommender" / "config.json").read_text())
+    assert {k: v for k, v in exported.items() if k not in ("format_version", "run", "checkpoint")} == \
+        json.loads(json.dumps(record["config"]))
+    assert record["config"]["tokenizer"]["kind"] == {"t5": "semantic_ids", "actionpiece": "actionpiece"}[arch]
+    assert record["config"]["batch_size"] == {"t5": 256, "actionpiece": 64}[arch]  # the runs' eval_batch_size
+    assert record["items"]["raw_id"] == dataset.items["raw_id"].to_list()
+
+    def no_dataset(*args, **kwargs):
+        raise AssertionError("a rebuild read the dataset")
+
+    monkeypatch.setattr("data.prepare.load_dataset", no_dataset)
+    rebuilt = GenerativeRecommender.from_pretrained(bare_run(root / arch, tmp_path / "bare"), device="cpu")
+    served = GenerativeRecommender.from_pretrained(root / arch, device="cpu")
+    assert [r.to_dict() for r in rebuilt.recommend(histories[:30], k=10, users=ex.user[:30])] == \
+        [r.to_dict() for r in served.recommend(histories[:30], k=10, users=ex.user[:30])]
+    # An export written before config.json held the tokenizer reference (same format_version 1)
+    # loads as it is: a folder is served with its own tokenizer/.
+    earlier = tmp_path / "earlier"
+    shutil.copytree(root / arch / "recommender", earlier)
+    config = json.loads((earlier / "config.json").read_text())
+    del config["tokenizer"]
+    (earlier / "config.json").write_text(json.dumps(config))
+    assert [r.to_dict() for r in GenerativeRecommender.from_pretrained(earlier, device="cpu").recommend(
+        histories[:30], k=10, users=ex.user[:30])] == [r.to_dict() for r in rebuilt.recommend(
+            histories[:30], k=10, users=ex.user[:30])]
+
+
+def test_checkpoint_without_record_says_what_is_missing_and_how_to_get_it(runs, tmp_path, capsys):
+    """A best.pt from before checkpoints carried the record (only the gin config and the layout),
+    one whose record lacks a decoding setting, and one whose tokenizer was replaced since: each a
+    clear error naming the folder, never a recommender built on guessed settings."""
+    root, _, _, dataset = runs
+    _, histories = histories_of(dataset)
+
+    def old(state):
+        record = state.pop("recommender")
+        state.update(layout=record["config"]["layout"], architecture="t5")
+
+    folder = bare_run(root / "t5", tmp_path / "old", old)
+    with pytest.raises(RecordMissingError, match=re.escape(f"{folder}: best.pt has no recommender record") +
+                       r".*earlier version of train_decoder\.py.*run the run's command again with the current code "
+                       + re.escape(f"and out_dir = '{folder}'") + r".*or retrain it"):
+        GenerativeRecommender.from_pretrained(folder, device="cpu")
+    assert recommend.main([str(folder), "--history", *histories[0], "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no recommender record" in err and "Traceback" not in err
+    incomplete = bare_run(root / "t5", tmp_path / "incomplete", lambda s: s["recommender"]["config"].pop("beam_size"))
+    with pytest.raises(RecordMissingError, match=r"incomplete recommender record \(missing beam_size\)"):
+        GenerativeRecommender.from_pretrained(incomplete, device="cpu")
+
+    def replaced(state):
+        state["recommender"]["config"]["tokenizer"]["fingerprint"] = "0" * 16
+
+    with pytest.raises(ValueError, match="is not the one the run used"):
+        GenerativeRecommender.from_pretrained(bare_run(root / "t5", tmp_path / "replaced", replaced), device="cpu")
 
 
 def test_hub_cache_and_command_line(runs, tmp_path, capsys):

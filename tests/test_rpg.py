@@ -4,6 +4,8 @@ graph decoding against exact ranking when the graph covers the catalogue; and, t
 train_decoder.py, that RPG learns the fixture of tests/fixtures.py by the suite's margin while
 an untrained one does not."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,27 @@ def test_rpg_recommender_round_trip_ranks_as_the_evaluator(fixture_run, tmp_path
             shutil.copy(tmp_path / "run" / name, bare / name)
     rebuilt = GenerativeRecommender.from_pretrained(bare, device="cpu")
     assert [r.item_ids for r in rebuilt.recommend(histories, k=10)] == got
+
+
+def test_bench_rpg_decoding_reads_the_run_record(fixture_run, tmp_path, monkeypatch):
+    """bench/bench_rpg.py's decoding benchmark (docs/04-rpg.md) rebuilds the run's RPG from the
+    recommender record of its best.pt (its graph of 100 edges per item cut to the fixture's 60 items)."""
+    import importlib.util
+
+    import gin
+
+    root, base = fixture_run
+    train_rpg(fixture_run, tmp_path / "run", "train_decoder.max_steps = 20", "train_decoder.eval_every = 10")
+    spec = importlib.util.spec_from_file_location("bench_rpg", Path(__file__).resolve().parents[1] / "bench/bench_rpg.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "item_graph", lambda model, n_edges: item_graph(model, n_edges=10))
+    data_config = tmp_path / "data.gin"
+    data_config.write_text("\n".join(b for b in base if b.startswith("load_dataset.")) + "\n")
+    gin.clear_config()
+    try:
+        out = bench.decoding(str(tmp_path / "run"), [str(data_config)], users=50, batch=16)
+    finally:
+        gin.clear_config()
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert out["model_config"] == best["recommender"]["config"]["model_config"] and out["users"] == 50

@@ -103,6 +103,14 @@ def test_missing_and_mismatched_tokenizer(setup, tmp_path):
         run(setup, tmp_path / "y", tokenizer=str(tmp_path / "rq2"))
 
 
+def test_unknown_setting_is_refused_before_anything_runs(setup, tmp_path):
+    """train_decoder.* is registered in modules/decoder_models.py (for train_grpo.py's configs);
+    a name that is no parameter of train_decoder is refused as gin refuses an unknown one."""
+    with pytest.raises(ValueError, match=r"train_decoder\.learning_rate: no such parameter of train_decoder"):
+        run(setup, tmp_path / "typo", "train_decoder.learning_rate = 0.1")
+    assert not (tmp_path / "typo").exists()
+
+
 def test_length_grouped_chunks_give_the_same_training(setup, tmp_path):
     """train_chunk only changes how a batch is cut into encoder passes, not the update."""
     # fp32 and no dropout: dropout masks are drawn per pass, so chunks would draw other ones.

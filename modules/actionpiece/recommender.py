@@ -26,6 +26,7 @@ padding is its only -1.
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +82,28 @@ def load_tokenizer(name: str, dataset, vocab_size: int) -> ActionPieceTokenizer:
     if stored is not None and stored != items_fingerprint(dataset):
         raise ValueError(f"ActionPiece tokenizer {name} was built for other items than dataset {dataset.name} "
                          f"(items_fingerprint {stored} != {items_fingerprint(dataset)})")
+    return tok
+
+
+def run_vocabulary(tokenizer: str | None, tok_dir: Path, dataset, vocab_size: int, mode: str,
+                   features: dict) -> ActionPieceTokenizer:
+    """train_actionpiece.py's vocabulary: the saved ``tokenizer`` when one is given, else the one
+    the run learned into ``tok_dir`` (on resume; refused when it was built with other settings),
+    else learned now (:func:`build_tokenizer`) and saved there."""
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer, dataset, vocab_size)
+    if tok_dir.is_dir():  # resume: the vocabulary this run learned before
+        tok = load_tokenizer(str(tok_dir), dataset, vocab_size)
+        made = {k: tok.config.get(k) for k in (*features, "mode", "requested_vocab_size")}
+        wanted = {**features, "mode": mode, "requested_vocab_size": vocab_size}
+        if made != wanted:
+            diff = {k: (made[k], wanted[k]) for k in wanted if made[k] != wanted[k]}
+            raise ValueError(f"{tok_dir} was built with other settings (stored, requested): {diff}; "
+                             "use another out_dir or delete it")
+        return tok
+    print(f"[actionpiece] learning a {vocab_size:,}-token vocabulary on {dataset.name} ...", file=sys.stderr)
+    tok = build_tokenizer(dataset, vocab_size, mode, features)
+    tok.save_pretrained(tok_dir)
     return tok
 
 
