@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import gin
 import numpy as np
 
 from modules.evaluation import (
@@ -78,7 +79,7 @@ def cold_report(dataset, test, test_cold: dict | None, test_warm: dict | None, p
     with user counts, and popularity on each. Training counts give cold items nothing, so
     ``popularity_in_cold`` ranks the cold items by how often they occur in the test histories
     (what is known of them at test time; no test target counts), on the cold users."""
-    is_cold = dataset.test_is_cold()
+    is_cold = dataset.test_is_cold()[test.user]  # test may be a sample of the users (max_users)
 
     def report(metrics):
         return None if metrics is None else {**_keys(metrics), "users": int(metrics["users"])}
@@ -94,8 +95,9 @@ def cold_report(dataset, test, test_cold: dict | None, test_warm: dict | None, p
             "popularity_in_cold": pop_on(in_cold, is_cold)}
 
 
+@gin.configurable(denylist=["dataset", "evaluate", "valid", "test", "unconstrained", "exact"])
 def test_report(dataset, evaluate: Callable[..., dict], valid, test, unconstrained: bool = True,
-                exact: bool = False) -> dict:
+                exact: bool = False, max_users: int | None = None) -> dict:
     """Evaluate the model behind ``evaluate(examples, unconstrained=False) -> metrics`` (load the
     selected weights first) on all ``valid`` and ``test`` examples: ``valid``, ``test``, with
     ``unconstrained`` also ``unconstrained_test`` (search without the item trie) and its
@@ -112,13 +114,19 @@ def test_report(dataset, evaluate: Callable[..., dict], valid, test, unconstrain
     "test_history_removed" | "popularity": {metric: [low, high]}}``, 95% percentile bootstrap
     over users, 1,000 resamples, seed 0: ``modules.intervals``) and ``ranks``, a
     ``modules.intervals.RunRanks`` (every test user's rank, in test order, also under a cold
-    split) that ``print_result`` writes to ``result.ranks.npz`` and leaves out of the JSON."""
+    split) that ``print_result`` writes to ``result.ranks.npz`` and leaves out of the JSON.
+
+    ``max_users`` is for smoke runs (``bench/check_docs.py``'s tiny overrides bind it): valid and
+    test on a fixed random sample of that many users each instead of every user, said in the
+    report as ``"test_users"``; its figures are not comparable with a full test's."""
+    if max_users is not None:
+        valid, test = valid.sample(max_users, seed=0), test.sample(max_users, seed=0)
     with keeping_ranks():
         valid_metrics = evaluate(valid)
         if dataset.cold is None:
             test_metrics = evaluate(test)
         else:  # cold-start / zero-shot: cold-target users and the rest apart; "test" is their union
-            is_cold = dataset.test_is_cold()
+            is_cold = dataset.test_is_cold()[test.user]
             test_cold, test_warm = evaluate_groups(evaluate, test, is_cold)
             test_metrics = {**combine_metrics([test_cold, test_warm]), **_in_user_order(is_cold, test_cold, test_warm)}
     free = evaluate(test, unconstrained=True) if unconstrained else None
@@ -133,6 +141,7 @@ def test_report(dataset, evaluate: Callable[..., dict], valid, test, unconstrain
         "popularity": _keys(pop_metrics),
         **({} if dataset.cold is None else cold_report(dataset, test, test_cold, test_warm, popular)),
         "eval_users_per_second": round(test_metrics["users_per_second"], 1),
+        **({} if max_users is None else {"test_users": len(test)}),
     }
     if "ranks" not in test_metrics or "ranks" not in valid_metrics:  # an evaluator that keeps none
         return report

@@ -273,3 +273,29 @@ def test_report_keeps_every_test_users_rank_in_order(cold, tmp_path, capsys):
     np.testing.assert_array_equal(back.parts["test"][0], test_ranks)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json", "result.ranks.npz"]
     assert isinstance(result["ranks"], RunRanks)  # the caller's dict is left as it was
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_report_max_users_tests_a_fixed_sample_and_says_so(cold):
+    # bench/check_docs.py's smoke runs bind test_report.max_users: the same users as a full
+    # report's ranks at those users, the cold / warm split of the sample, and "test_users".
+    from modules.evaluation import RestrictedScores, evaluate_exact_topk
+    from modules.reporting import test_report
+
+    ds = small_dataset(cold)
+    valid, test = ds.eval_examples("valid"), ds.eval_examples("test")
+    scorer = SumScorer(ds.num_items) if not cold else RestrictedScores(SumScorer(ds.num_items), ~ds.cold)
+
+    def evaluate(examples, unconstrained=False):
+        return evaluate_exact_topk(scorer, examples, batch_size=7)
+
+    full = test_report(ds, evaluate, valid, test, unconstrained=False, exact=True)
+    part = test_report(ds, evaluate, valid, test, unconstrained=False, exact=True, max_users=20)
+    assert part["test_users"] == 20 and "test_users" not in full
+    ranks, users, _ = part["ranks"].parts["test"]
+    assert len(users) == 20 and np.all(np.diff(users) > 0)
+    full_ranks, full_users, _ = full["ranks"].parts["test"]
+    np.testing.assert_array_equal(ranks, full_ranks[np.searchsorted(full_users, users)])
+    if cold:
+        is_cold = ds.test_is_cold()[users]
+        assert part["test_cold"]["users"] == is_cold.sum() and part["test_warm"]["users"] == (~is_cold).sum()
