@@ -31,13 +31,14 @@ import sys
 import time
 from pathlib import Path
 
+import gin
 import torch
 
 from data.prepare import load_dataset
 from modules import distributed
 from modules.beam_search import PrefixTrie
 from modules.decoder_models import (
-    GraphScoresBound, build_model, check_settings, cold_slot_tries, load_tokenizer, train_decoder_settings,
+    GraphScoresBound, build_model, check_settings, cold_slot_tries, load_tokenizer,
     training_precision,
 )
 from modules.evaluation import RestrictedScores, evaluate_exact_topk, evaluate_generative
@@ -53,8 +54,7 @@ from modules.training import (
 )
 
 
-# Its gin name, train_decoder.*, is registered in modules/decoder_models.py (train_decoder_settings),
-# where train_grpo.py, whose configs include a train_decoder.py recipe, finds it without this script.
+@gin.configurable
 def train_decoder(
     tokenizer: str | None = None,  # train_rqvae.py output dir or Hub repo id (t5, gpt, recgpt; sasrec needs none)
     architecture: str = "t5",  # "t5", "gpt", "recgpt", "rpg" (semantic IDs) or "sasrec" (item IDs)
@@ -233,7 +233,7 @@ def train_decoder(
 
 def main(argv: list[str] | None = None) -> dict:
     parse_gin_cli(argv, __doc__)
-    return train_decoder(**train_decoder_settings(train_decoder))
+    return train_decoder()
 
 
 if __name__ == "__main__":

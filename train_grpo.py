@@ -65,7 +65,7 @@ import torch
 from data.prepare import load_dataset, load_item_embeddings
 from modules import distributed
 from modules.beam_search import PrefixTrie
-from modules.decoder_models import load_recommender  # also registers the included SFT recipe's gin names
+from modules.decoder_models import load_recommender
 from modules.evaluation import evaluate_generative, popularity_ranking, ranking_metrics
 from modules.grpo import STAT_KEYS, grpo_batch_loss, mean_stats, sft_metrics
 from modules.recommender import export_run, recommender_record, tokenizer_fingerprint, tokenizer_reference
@@ -228,7 +228,9 @@ def train_grpo(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parse_gin_cli(argv, __doc__)
+    # The SFT recipe in the configs gives the data settings; its train_decoder.* bindings are the
+    # SFT script's own (the model comes from the SFT run's record), skipped without importing it.
+    parse_gin_cli(argv, __doc__, skip_unknown=["train_decoder"])
     return train_grpo()
 
 

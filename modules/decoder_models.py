@@ -1,20 +1,14 @@
 """Building and loading the recommenders of train_decoder.py, shared by the scripts that train
-them (train_decoder.py) and fine-tune them (train_grpo.py), and the gin names a train_decoder.py
-recipe binds.
+them (train_decoder.py) and fine-tune them (train_grpo.py).
 
 A new model's sizes come from the gin bindings ``T5Config.*`` / ``GPTConfig.*`` /
 ``SASRecConfig.*`` / ``RPGConfig.*`` (the recipe's config), its vocabulary from the token layout.
 A trained one is rebuilt from the recommender record its ``best.pt`` carries
 (modules/recommender/record.py), whatever gin config is in force.
-
-Importing this module registers every gin name of a train_decoder.py recipe, ``train_decoder.*``
-included (:func:`train_decoder_settings`), so a script whose config includes such a recipe
-(train_grpo.py: the SFT run's, for its data settings) parses it without importing train_decoder.py.
 """
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,26 +40,6 @@ GraphScoresBound = gin.external_configurable(GraphScores)  # RPG's graph decodin
 ARCHITECTURES = ("t5", "gpt", "recgpt", "rpg", "sasrec")
 TRAIN_MODES = {"t5": ("sliding",), "gpt": ("sliding", "all_positions"), "recgpt": ("all_positions",),
                "rpg": ("all_positions",), "sasrec": ("all_positions",)}
-
-
-@gin.configurable("train_decoder")
-def _train_decoder_bindings(**settings) -> dict:
-    return settings
-
-
-def train_decoder_settings(train_fn) -> dict:
-    """train_decoder.py's settings as the gin config in force binds them (``train_decoder.*``,
-    macros resolved), checked against the parameters of ``train_fn`` (its ``train_decoder``).
-
-    The gin name ``train_decoder`` is registered here rather than on that function, so that it
-    exists wherever this module is imported (see the module docstring); which parameters it has
-    is the function's signature, checked here as gin checks a configurable's."""
-    settings = _train_decoder_bindings()
-    unknown = sorted(set(settings) - set(inspect.signature(train_fn).parameters))
-    if unknown:
-        raise ValueError(f"gin config: {', '.join(f'train_decoder.{k}' for k in unknown)}: no such parameter of "
-                         f"train_decoder.py's train_decoder")
-    return settings
 
 
 def check_settings(architecture: str, train_mode: str, decoding: str, tokenizer: str | None) -> None:

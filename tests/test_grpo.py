@@ -349,17 +349,26 @@ def test_grpo_refuses_its_sft_dir(sft):
 
 def test_grpo_imports_no_train_script():
     """train_grpo.py's configs include a train_decoder.py recipe (its data settings; and
-    bench/leaderboard.sh passes the SFT run's configs): its train_decoder.* names parse with
-    train_grpo.py alone imported (modules/decoder_models.py registers them), in a fresh process."""
+    bench/leaderboard.sh passes the SFT run's configs): with train_grpo.py alone imported, in a
+    fresh process, its command line parses them, skipping the SFT script's own train_decoder.*
+    bindings (the model comes from the SFT run's record) and keeping the rest; any other unknown
+    name is still an error."""
     code = ("import sys, gin, train_grpo\n"
             "from modules.training import parse_gin_cli\n"
-            "parse_gin_cli(['configs/grpo_gpt_amazon.gin', 'bench/configs/beauty_local.gin', 'bench/configs/cpu_grpo.gin'])\n"
+            "parse_gin_cli(['configs/grpo_gpt_amazon.gin', 'bench/configs/beauty_local.gin', 'bench/configs/cpu_grpo.gin'],\n"
+            "              skip_unknown=['train_decoder'])\n"
             "assert not [m for m in sys.modules if m.startswith('train_') and m != 'train_grpo'], sys.modules\n"
-            "print(gin.query_parameter('train_decoder.architecture'), gin.query_parameter('GPTConfig.num_layers'))\n")
+            "assert 'train_decoder.' not in gin.config_str()\n"
+            "print(gin.query_parameter('GPTConfig.num_layers'), gin.query_parameter('load_dataset.max_history'))\n"
+            "gin.clear_config()\n"
+            "try:\n"
+            "    parse_gin_cli(['configs/grpo_gpt_amazon.gin', '--gin', 'train_decodr.lr = 1'], skip_unknown=['train_decoder'])\n"
+            "except SystemExit as e:\n"
+            "    print('refused' if 'train_decodr' in str(e) else e)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["gpt", "2"]
+    assert proc.stdout.split() == ["2", "20", "refused"]
 
 
 def test_grpo_starts_from_the_sft_record_and_exports(sft, tmp_path):

@@ -14,8 +14,12 @@ import gin
 from modules import distributed
 
 
-def parse_gin_cli(argv: list[str] | None, description: str = "") -> argparse.Namespace:
-    """``script.py a.gin b.gin --gin 'f.x = 1' --gin ...`` -> parsed and applied to gin."""
+def parse_gin_cli(argv: list[str] | None, description: str = "",
+                  skip_unknown: list[str] | None = None) -> argparse.Namespace:
+    """``script.py a.gin b.gin --gin 'f.x = 1' --gin ...`` -> parsed and applied to gin.
+    ``skip_unknown``: names of other scripts' train functions whose bindings are ignored (gin's
+    ``skip_unknown``), e.g. train_grpo.py reading an SFT recipe for its data settings; any other
+    unknown name is still an error."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", nargs="*", help=".gin files, applied in order")
     ap.add_argument("--gin", action="append", default=[], metavar="BINDING",
@@ -27,7 +31,7 @@ def parse_gin_cli(argv: list[str] | None, description: str = "") -> argparse.Nam
     # `include 'configs/x.gin'` resolves from the repo root whatever the working directory.
     gin.add_config_file_search_path(str(Path(__file__).resolve().parents[2]))
     try:
-        gin.parse_config_files_and_bindings(args.configs, args.gin)
+        gin.parse_config_files_and_bindings(args.configs, args.gin, skip_unknown=skip_unknown or False)
     except Exception as e:  # noqa: BLE001 - gin raises ValueError, SyntaxError or tokenize errors
         where = ", ".join(args.configs + [f"--gin {b!r}" for b in args.gin])
         raise SystemExit(f"error in gin config ({where}):\n  {e}") from None
