@@ -96,7 +96,7 @@ spec() {  # spec NAME: sets SCRIPT, ARGS (configs, then --gin bindings; out_dir 
             local from configs=() bindings=() a
             from=$(grpo_start)
             [[ " ${GRPO_CANDIDATES[*]} " == *" $from "* ]] || { echo "LEADERBOARD_GRPO_FROM=$from: GRPO starts from one of ${GRPO_CANDIDATES[*]}" >&2; exit 2; }
-            spec "$from"  # its recipe rebuilds the SFT model (configs first, then its bindings but its out_dir)
+            spec "$from"  # its recipe gives the data settings (configs first, then its bindings but its out_dir); the model comes from its record
             for a in "${ARGS[@]}"; do [[ $a == *.gin && $a != *=* ]] && configs+=("$a"); done
             for ((i = 0; i < ${#ARGS[@]}; i++)); do
                 [[ ${ARGS[i]} == --gin && ${ARGS[i+1]} != *.out_dir=* ]] && bindings+=(--gin "${ARGS[i+1]}")
