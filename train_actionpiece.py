@@ -15,8 +15,10 @@ re-segmented with SPR each time they are built -> validation (one SPR segmentati
 beam search, NDCG@10, on a fixed sample of ``eval_users`` users) -> the best checkpoint
 validated again on every validation user (one segmentation each) and tested with
 ``n_inference_ensemble`` SPR segmentations per user, beams decoded to items and fused (spec
-section 10) -> most-popular baseline. Restarting with the same out_dir resumes exactly. The
-last stdout line is one JSON object.
+section 10) -> most-popular baseline, 95% bootstrap intervals and the per-user ranks of the
+headline scoring (``result.ranks.npz``: modules/reporting.py ``test_report``, which also honours
+``test_report.max_users``). Restarting with the same out_dir resumes exactly. The last stdout
+line is one JSON object.
 
 The token layout, item decoding, evaluation and tokenizer helpers live in
 ``modules/actionpiece/recommender.py``. ``invalid_beams``: how a generated feature tuple that
@@ -45,9 +47,8 @@ from modules.actionpiece.recommender import (
     IGNORE, ActionPieceLayout, ItemDecoder, evaluate_actionpiece, run_vocabulary,
 )
 from modules.decoder_models import T5ConfigBound
-from modules.evaluation import popularity_ranking, ranking_metrics
 from modules.recommender import export_run, recommender_record, tokenizer_fingerprint, tokenizer_reference
-from modules.reporting import REPORT_KEYS, run_facts, stopped_result
+from modules.reporting import REPORT_KEYS, run_facts, stopped_result, test_report
 from modules.tokens import PAD
 from modules.training import (
     SummedLoss, autocast_dtype, length_chunks, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
@@ -175,42 +176,42 @@ def train_actionpiece(
     # ---- the best-validation checkpoint on every validation user, then the test
     # It was selected on the eval_users sample, whose score is biased upward by the selection:
     # "valid" reports it again on every validation user (one segmentation each, as during
-    # training; on Beauty at 50 beams ~10 min on 2 CPU cores), "valid_selection" the sample.
-    valid_metrics = load_best(model, out, identity, "train_actionpiece")["valid"]
-    if len(valid_sample) < len(valid):
-        print(f"[actionpiece] validating the best checkpoint (step {loop.best_step}) on all {len(valid):,} "
-              "validation users", file=sys.stderr)
-        valid_all = evaluate_actionpiece(model, tok, layout, decoder, valid, q=1, **common)
-    else:  # the sample is every user: the same inputs, the same numbers
-        valid_all = valid_metrics
-    print(f"[actionpiece] testing the best checkpoint (step {loop.best_step}) on {len(test):,} users x "
-          f"{n_inference_ensemble} segmentations", file=sys.stderr)
-    test_metrics = evaluate_actionpiece(model, tok, layout, decoder, test, q=n_inference_ensemble, **common)
+    # training; on Beauty at 50 beams ~10 min on 2 CPU cores), "valid_selection" the sample
+    # (when that is every user, "valid" repeats its figures, now with the per-user ranks).
+    selection = load_best(model, out, identity, "train_actionpiece")["valid"]
+
+    def final_evaluate(examples, q, what):
+        print(f"[actionpiece] {what} the best checkpoint (step {loop.best_step}) on {len(examples):,} users x {q} "
+              "segmentations", file=sys.stderr)
+        return evaluate_actionpiece(model, tok, layout, decoder, examples, q=q, **common)
+
+    def extra(valid_metrics, test_metrics):  # beyond the headline ("test": the invalid_beams scoring)
+        return {"valid_users": valid_metrics["users"],
+                "test_official": {k: test_metrics[f"official/{k}"] for k in REPORT_KEYS},
+                "test_lenient": {k: test_metrics[f"lenient/{k}"] for k in REPORT_KEYS},
+                **{k: test_metrics[k] for k in ("err@10", "invalid_rate", "no_item_rate")},  # its only search's
+                # A few users a second on CPU (q segmentations x num_beams each): two decimals.
+                "eval_users_per_second": round(test_metrics["users_per_second"], 2),
+                "test_eval_seconds": round(test_metrics["users"] / test_metrics["users_per_second"], 1)}
+
+    # modules/reporting.py: intervals, per-user ranks (result.ranks.npz), the history-removed test,
+    # popularity, cold / warm groups; test_report.max_users for smoke runs.
+    report = test_report(dataset, lambda examples: final_evaluate(examples, n_inference_ensemble, "testing"),
+                         valid, test, unconstrained=False, extra=extra,
+                         valid_evaluate=lambda examples: final_evaluate(examples, 1, "validating"))
     if not distributed.is_main():  # evaluations ran sharded on every rank (above); rank 0 alone reports, exports
         logger.finish()
         distributed.barrier()
         return {}
-    popular = popularity_ranking(dataset.train_item_counts(), len(test), 10)
-    pop_metrics = ranking_metrics(popular, test.target, ks=(1, 5, 10))
     result = {
         "dataset": dataset.name,
-        "valid": {k: valid_all[k] for k in REPORT_KEYS},
-        "valid_users": valid_all["users"],
-        "valid_selection": {k: valid_metrics[k] for k in REPORT_KEYS},
-        "valid_selection_users": valid_metrics["users"],
+        **report,
+        "valid_selection": {k: selection[k] for k in REPORT_KEYS},
+        "valid_selection_users": selection["users"],
         "invalid_beams": invalid_beams,
-        "test": {k: test_metrics[k] for k in REPORT_KEYS},
-        "test_official": {k: test_metrics[f"official/{k}"] for k in REPORT_KEYS},
-        "test_lenient": {k: test_metrics[f"lenient/{k}"] for k in REPORT_KEYS},
-        "err@10": test_metrics["err@10"],
-        "invalid_rate": test_metrics["invalid_rate"],
-        "no_item_rate": test_metrics["no_item_rate"],
-        "popularity": {k: pop_metrics[k] for k in REPORT_KEYS},
         "steps": loop.step,
         "best_step": loop.best_step,
         "train_seconds": round(loop.train_seconds, 1),
-        "eval_users_per_second": round(test_metrics["users_per_second"], 2),
-        "test_eval_seconds": round(test_metrics["users"] / test_metrics["users_per_second"], 1),
         "vocab_size": tok.vocab_size,
         "vocab_seconds": tok.config.get("vocab_seconds"),
         "output_vocab_size": layout.output_vocab_size,

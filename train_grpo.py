@@ -20,9 +20,11 @@ loss (modules/grpo.py) -> test of the best-validation checkpoint, the SFT model 
 step 0 (best.pt is the SFT model itself when no GRPO validation beats its figure on the same
 validation users, so the output never validates below the input) -> ``out_dir/recommender``,
 its export (what ``GenerativeRecommender.from_pretrained(out_dir)`` loads). The last stdout line is one
-JSON object (train_decoder.py's keys, plus ``sft_valid`` / ``sft_test`` and the means over the
-training steps of the reward, the in-group hit rate (fraction of candidates that are the
-target), the fraction of groups holding it, KL, clip fraction and entropy).
+JSON object (train_decoder.py's keys from modules/reporting.py ``test_report``, constrained
+search only: intervals, ``result.ranks.npz``; plus ``sft_valid`` / ``sft_test`` on the same users
+and the means over the training steps of the reward, the in-group hit rate (fraction of
+candidates that are the target), the fraction of groups holding it, KL, clip fraction and
+entropy).
 
 Several processes (``torchrun --nproc_per_node N train_grpo.py ...``): each rank draws the groups
 of its share of every batch's users (the loss is a mean over users, weighted by share), and
@@ -66,10 +68,12 @@ from data.prepare import load_dataset, load_item_embeddings
 from modules import distributed
 from modules.beam_search import PrefixTrie
 from modules.decoder_models import load_recommender
-from modules.evaluation import evaluate_generative, popularity_ranking, ranking_metrics
+from modules.evaluation import evaluate_generative
 from modules.grpo import STAT_KEYS, grpo_batch_loss, mean_stats, sft_metrics
 from modules.recommender import export_run, recommender_record, tokenizer_fingerprint, tokenizer_reference
-from modules.reporting import REPORT_KEYS, run_facts, stopped_result
+from modules.reporting import (
+    REPORT_KEYS, bound_max_users, reported_examples, run_facts, stopped_result, test_report,
+)
 from modules.training import (
     StepOutput, atomic_torch_save, fingerprint, load_best, make_optimizer, parse_gin_cli, pick_device, print_result,
     resolved_config, seed_everything, train_loop, warmup_cosine,
@@ -152,9 +156,13 @@ def train_grpo(
                                    batch_size=eval_batch_size, use_user=use_user, device=dev)
 
     valid_sample = valid.sample(eval_users, seed)  # what every GRPO validation scores
+    # The SFT start on the users the final report tests (all, or test_report.max_users' sample).
+    max_users = bound_max_users()
+    sft_valid, sft_test = reported_examples(valid, test, max_users)
     sft_scores = sft_metrics(out / "sft_metrics.json",
-                             {"sft_weights": identity["sft_weights"], "eval_users": eval_users, "seed": seed},
-                             lambda: (evaluate(valid), evaluate(test),
+                             {"sft_weights": identity["sft_weights"], "eval_users": eval_users, "seed": seed,
+                              "max_users": max_users},
+                             lambda: (evaluate(sft_valid), evaluate(sft_test),
                                       None if valid_sample is valid else evaluate(valid_sample)))
     history: list[dict] = []  # per-step statistics of this process's steps
 
@@ -197,25 +205,22 @@ def train_grpo(
                   f"{out / 'best.pt'} is the SFT model", file=sys.stderr)
         distributed.barrier()
     load_best(model, out, identity, "train_grpo")
-    valid_metrics, test_metrics = evaluate(valid), evaluate(test)
-    popular = popularity_ranking(dataset.train_item_counts(), len(test), 10)
-    pop_metrics = ranking_metrics(popular, test.target, ks=(1, 5, 10))
+    # modules/reporting.py: intervals, per-user ranks (result.ranks.npz), the history-removed test,
+    # popularity, cold / warm groups; constrained search only (invalid_rate None: not measured).
+    report = test_report(dataset, evaluate, valid, test, unconstrained=False)
     result = {
         "dataset": dataset.name,
         "architecture": architecture,
         "candidates": candidates,
         "group_size": group_size,
         "rewards": list(rewards),
-        "valid": {k: valid_metrics[k] for k in REPORT_KEYS},
-        "test": {k: test_metrics[k] for k in REPORT_KEYS},
+        **report,
         "sft_valid": {k: sft_scores["valid"][k] for k in REPORT_KEYS},
         "sft_test": {k: sft_scores["test"][k] for k in REPORT_KEYS},
-        "popularity": {k: pop_metrics[k] for k in REPORT_KEYS},
         **train_stats,
         "steps": loop.step,
         "best_step": loop.best_step,
         "train_seconds": round(loop.train_seconds, 1),
-        "eval_users_per_second": round(test_metrics["users_per_second"], 1),
         "beam_size": beam_size,
         **run_facts(dev, None, t_start), "curve": loop.curve,  # fp32 training; RESULTS.md
     }

@@ -1,9 +1,10 @@
-"""The test report of a trained next-item recommender, shared by train_decoder.py and
-train_joint.py: validation and test metrics of the selected (best-validation) model, the
-invalid-ID rate of unconstrained search, the most-popular baseline and, under a cold-start or
-zero-shot protocol, the cold / warm user groups apart; 95% bootstrap intervals over users, the
-test ranked with each user's history items removed, and the per-user ranks that
-``modules.training.print_result`` writes beside the result JSON (``result.ranks.npz``)."""
+"""The test report of a trained next-item recommender, shared by train_decoder.py,
+train_joint.py, train_actionpiece.py and train_grpo.py: validation and test metrics of the
+selected (best-validation) model, the invalid-ID rate of unconstrained search, the most-popular
+baseline and, under a cold-start or zero-shot protocol, the cold / warm user groups apart; 95%
+bootstrap intervals over users, the test ranked with each user's history items removed, and the
+per-user ranks that ``modules.training.print_result`` writes beside the result JSON
+(``result.ranks.npz``)."""
 
 from __future__ import annotations
 
@@ -95,9 +96,27 @@ def cold_report(dataset, test, test_cold: dict | None, test_warm: dict | None, p
             "popularity_in_cold": pop_on(in_cold, is_cold)}
 
 
-@gin.configurable(denylist=["dataset", "evaluate", "valid", "test", "unconstrained", "exact"])
+def reported_examples(valid, test, max_users: int | None):
+    """The ``valid`` and ``test`` examples that :func:`test_report` evaluates under ``max_users``:
+    all of them (None), or a fixed random sample of that many users each (seed 0)."""
+    if max_users is None:
+        return valid, test
+    return valid.sample(max_users, seed=0), test.sample(max_users, seed=0)
+
+
+def bound_max_users() -> int | None:
+    """``test_report.max_users`` as bound in gin (None: unbound), for a script whose other final
+    evaluations must test the report's users (train_grpo.py's SFT start: a smoke run must not
+    rank every Beauty user there either, and its figures stay comparable with the report's)."""
+    return gin.get_bindings(test_report).get("max_users")
+
+
+@gin.configurable(denylist=["dataset", "evaluate", "valid", "test", "unconstrained", "exact", "valid_evaluate",
+                            "extra"])
 def test_report(dataset, evaluate: Callable[..., dict], valid, test, unconstrained: bool = True,
-                exact: bool = False, max_users: int | None = None) -> dict:
+                exact: bool = False, max_users: int | None = None,
+                valid_evaluate: Callable[..., dict] | None = None,
+                extra: Callable[[dict, dict], dict] | None = None) -> dict:
     """Evaluate the model behind ``evaluate(examples, unconstrained=False) -> metrics`` (load the
     selected weights first) on all ``valid`` and ``test`` examples: ``valid``, ``test``, with
     ``unconstrained`` also ``unconstrained_test`` (search without the item trie) and its
@@ -118,11 +137,17 @@ def test_report(dataset, evaluate: Callable[..., dict], valid, test, unconstrain
 
     ``max_users`` is for smoke runs (``bench/check_docs.py``'s tiny overrides bind it): valid and
     test on a fixed random sample of that many users each instead of every user, said in the
-    report as ``"test_users"``; its figures are not comparable with a full test's."""
-    if max_users is not None:
-        valid, test = valid.sample(max_users, seed=0), test.sample(max_users, seed=0)
+    report as ``"test_users"``; its figures are not comparable with a full test's.
+
+    For an evaluator of its own kind (train_actionpiece.py): ``valid_evaluate`` evaluates
+    ``valid`` instead of ``evaluate`` (ActionPiece validates with one segmentation per user and
+    tests with several), and ``extra(valid_metrics, test_metrics)`` returns keys added to the
+    report last, replacing any of the same name (its metrics beyond the headline ones: both
+    scorings, err@10, the invalid rate of its only search; ``test_metrics`` is the union's under a
+    cold split, each number a user-weighted mean of the groups')."""
+    valid, test = reported_examples(valid, test, max_users)
     with keeping_ranks():
-        valid_metrics = evaluate(valid)
+        valid_metrics = (valid_evaluate or evaluate)(valid)
         if dataset.cold is None:
             test_metrics = evaluate(test)
         else:  # cold-start / zero-shot: cold-target users and the rest apart; "test" is their union
@@ -142,6 +167,7 @@ def test_report(dataset, evaluate: Callable[..., dict], valid, test, unconstrain
         **({} if dataset.cold is None else cold_report(dataset, test, test_cold, test_warm, popular)),
         "eval_users_per_second": round(test_metrics["users_per_second"], 1),
         **({} if max_users is None else {"test_users": len(test)}),
+        **({} if extra is None else extra(valid_metrics, test_metrics)),
     }
     if "ranks" not in test_metrics or "ranks" not in valid_metrics:  # an evaluator that keeps none
         return report

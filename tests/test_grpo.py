@@ -4,6 +4,7 @@ model's exact constrained distribution, and end-to-end runs on the tests/fixture
 after a short SFT run (the in-group hit rate rises; exact resume)."""
 
 import itertools
+import json
 import math
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import train_grpo
 import train_rqvae
 from modules.beam_search import PrefixTrie
 from modules.grpo import grpo_batch_loss, grpo_objective, group_advantages
+from modules.intervals import RunRanks, metrics_from_ranks
 from modules.recommender import GenerativeRecommender, RecordMissingError
 from modules.rewards import group_rewards, rank_reward, rule_reward, semantic_reward
 from modules.sampling import beam_candidates, sample_items
@@ -285,6 +287,22 @@ def grpo(sft, out, *extra):
         *extra])
 
 
+def assert_reported(out, res, users):
+    """modules/reporting.py test_report's part of the result: bootstrap intervals around the
+    figures, the history-removed test and every tested user's rank in result.ranks.npz."""
+    assert set(res["intervals"]) == {"valid", "test", "test_history_removed", "popularity"}
+    assert res["invalid_rate"] is None  # constrained search only: not measured
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["ranks_file"] == "result.ranks.npz" and "ranks" not in saved
+    ranks = RunRanks.load(out / "result.ranks.npz")
+    for name in ("valid", "test"):
+        assert len(ranks.parts[name][0]) == users
+        from_ranks = metrics_from_ranks(ranks.parts[name][0])
+        assert res[name] == {k: pytest.approx(from_ranks[k], abs=1e-12) for k in res[name]}, name
+    for name in ("valid", "test", "popularity"):
+        assert all(low <= res[name][k] <= high for k, (low, high) in res["intervals"][name].items()), name
+
+
 def hit_rate_rose(res) -> bool:
     first, last = res["hit_rate_first"], res["hit_rate_last"]
     return last >= first + 0.03 and last >= 1.25 * first
@@ -341,6 +359,18 @@ def test_grpo_exact_resume(sft, tmp_path):
     assert not all(torch.equal(a[k], sft_weights[k]) for k in a)  # it did train
 
 
+def test_grpo_report_max_users(sft, tmp_path):
+    """bench/check_docs.py's smoke runs bind test_report.max_users: the final valid and test, and
+    the SFT start's, on that many users (one fixed sample). At lr 0 best.pt stays the SFT model,
+    so its start and the report must give the same figures: the same users."""
+    res = grpo(sft, tmp_path / "few", "train_grpo.lr = 0.0", "train_grpo.max_steps = 2", "train_grpo.eval_every = 2",
+               "train_grpo.eval_users = 50", "test_report.max_users = 30")
+    assert res["test_users"] == 30 and res["best_step"] == 0
+    assert res["valid"] == res["sft_valid"] and res["test"] == res["sft_test"]
+    assert json.loads((tmp_path / "few" / "sft_metrics.json").read_text())["max_users"] == 30
+    assert_reported(tmp_path / "few", res, 30)
+
+
 def test_grpo_refuses_its_sft_dir(sft):
     root = sft[0]
     with pytest.raises(ValueError, match="SFT run's folder"):
@@ -385,6 +415,8 @@ def test_grpo_starts_from_the_sft_record_and_exports(sft, tmp_path):
     assert record["config"]["model_config"] == sft_record["config"]["model_config"]
     assert record["config"]["tokenizer"] == sft_record["config"]["tokenizer"]
     assert record["config"]["beam_size"] == 10  # the GRPO run's (configs/tiny/grpo_tiny.gin)
+    assert "test_users" not in res
+    assert_reported(tmp_path / "run", res, 150)  # every fixture user
     rec = GenerativeRecommender.from_pretrained(tmp_path / "run", device="cpu")
     assert rec.config["checkpoint"] and rec.architecture == "t5"
     old = tmp_path / "old_sft"

@@ -299,3 +299,58 @@ def test_report_max_users_tests_a_fixed_sample_and_says_so(cold):
     if cold:
         is_cold = ds.test_is_cold()[users]
         assert part["test_cold"]["users"] == is_cold.sum() and part["test_warm"]["users"] == (~is_cold).sum()
+
+
+def test_report_valid_evaluate_and_extra():
+    # train_actionpiece.py's use: its own evaluator for valid (one segmentation per user), and
+    # its extra metric keys from the raw metrics; under a cold split "test" is the union of the
+    # groups, each extra number their user-weighted mean.
+    from modules.evaluation import RestrictedScores, evaluate_exact_topk
+    from modules.reporting import test_report
+
+    ds = small_dataset(True)
+    valid, test = ds.eval_examples("valid"), ds.eval_examples("test")
+    scorer = RestrictedScores(SumScorer(ds.num_items), ~ds.cold)
+    calls, seen = [], {}
+
+    def evaluate(examples, unconstrained=False):
+        calls.append(("test", len(examples.user)))
+        cold_share = float(ds.test_is_cold()[examples.user].mean())  # 1 on the cold group, 0 on the warm one
+        return {**evaluate_exact_topk(scorer, examples, batch_size=7), "cold_share": cold_share}
+
+    def valid_evaluate(examples):
+        calls.append(("valid", len(examples.user)))
+        return evaluate_exact_topk(scorer, examples, batch_size=7)
+
+    def extra(valid_metrics, test_metrics):
+        seen.update(valid=valid_metrics, test=test_metrics)
+        return {"valid_users": valid_metrics["users"], "invalid_rate": test_metrics["cold_share"]}
+
+    report = test_report(ds, evaluate, valid, test, unconstrained=False, exact=True, valid_evaluate=valid_evaluate,
+                         extra=extra)
+    is_cold = ds.test_is_cold()[test.user]
+    assert calls == [("valid", len(valid)), ("test", is_cold.sum()), ("test", (~is_cold).sum())]
+    assert report["valid_users"] == len(valid) and seen["test"]["users"] == len(test)
+    assert report["invalid_rate"] == pytest.approx(is_cold.mean())  # replaces exact ranking's 0.0
+    assert set(report["intervals"]) == {"valid", "test", "test_history_removed", "popularity"}
+    np.testing.assert_array_equal(report["ranks"].parts["valid"][0], seen["valid"]["ranks"])
+
+
+def test_bound_max_users_reads_the_binding():
+    import gin
+
+    from modules.reporting import bound_max_users, reported_examples
+
+    gin.clear_config()
+    try:
+        assert bound_max_users() is None
+        gin.parse_config("test_report.max_users = 12")
+        assert bound_max_users() == 12
+    finally:
+        gin.clear_config()
+    ds = small_dataset(False)
+    valid, test = ds.eval_examples("valid"), ds.eval_examples("test")
+    assert all(a is b for a, b in zip(reported_examples(valid, test, None), (valid, test)))  # all, as given
+    v, t = reported_examples(valid, test, 12)
+    np.testing.assert_array_equal(t.user, test.sample(12, seed=0).user)
+    assert len(v.user) == len(t.user) == 12

@@ -14,6 +14,7 @@ import train_actionpiece
 from modules.actionpiece import ActionPieceTokenizer
 from modules.actionpiece.recommender import ActionPieceLayout, ItemDecoder
 from modules.beam_search import beam_search_tokens
+from modules.intervals import RunRanks, metrics_from_ranks
 from modules.tokens import BOS, EOS, PAD
 from modules.transformers.generation import target_log_probs
 from modules.transformers.t5 import T5, T5Config
@@ -66,6 +67,25 @@ def test_end_to_end_outputs(full):
     saved = json.loads((out / "tokenizer" / "actionpiece.json").read_text())
     assert len(saved["token2feat"]) == res["vocab_size"] <= 300
     assert res["output_vocab_size"] <= res["vocab_size"] + 2
+    assert_reported(out, res, "test_official")
+
+
+def assert_reported(out, res, headline):
+    """modules/reporting.py test_report's part: bootstrap intervals around the figures, the
+    history-removed test, and the per-user ranks of the headline scoring in result.ranks.npz."""
+    assert set(res["intervals"]) == {"valid", "test", "test_history_removed", "popularity"}
+    assert set(res["test_history_removed"]) == KEYS
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["ranks_file"] == "result.ranks.npz" and saved["intervals"] == res["intervals"] and "ranks" not in saved
+    ranks = RunRanks.load(out / "result.ranks.npz")
+    assert all(np.array_equal(ranks.parts[k][0], res["ranks"].parts[k][0]) for k in res["ranks"].parts)
+    assert len(ranks.parts["test"][0]) == res.get("test_users", 150)
+    assert len(ranks.parts["valid"][0]) == res["valid_users"]
+    for name, part in (("test", "test"), (headline, "test"), ("valid", "valid")):
+        from_ranks = metrics_from_ranks(ranks.parts[part][0])
+        assert res[name] == {k: pytest.approx(from_ranks[k], abs=1e-12) for k in KEYS}, name
+    for name in ("valid", "test", "popularity"):
+        assert all(low <= res[name][k] <= high for k, (low, high) in res["intervals"][name].items()), name
 
 
 def test_exact_resume_reuses_tokenizer(setup, full, tmp_path):
@@ -103,9 +123,20 @@ def test_valid_on_all_users_and_lenient_scoring(setup, full, tmp_path):
     assert res["valid_selection_users"] == 40 and res["valid_users"] == 150
     assert set(res["valid"]) == set(res["valid_selection"]) == KEYS
     assert res["invalid_beams"] == "drop" and res["test"] == res["test_lenient"]
+    assert_reported(tmp_path / "sample", res, "test_lenient")  # the ranks are the headline's: lenient here
     with pytest.raises(ValueError, match="invalid_beams"):
         run(setup, tmp_path / "bad", f"train_actionpiece.tokenizer = '{full_dir}'", "train_actionpiece.max_steps = 2",
             "train_actionpiece.eval_every = 2", "train_actionpiece.invalid_beams = 'skip'")
+
+
+def test_report_max_users(setup, full, tmp_path):
+    """bench/check_docs.py's smoke runs bind test_report.max_users: valid and test on that many
+    users (one fixed sample), said as test_users; the ranks file holds those users."""
+    full_dir, _ = full
+    res = run(setup, tmp_path / "few", f"train_actionpiece.tokenizer = '{full_dir}'", "train_actionpiece.max_steps = 2",
+              "train_actionpiece.eval_every = 2", "test_report.max_users = 40")
+    assert res["test_users"] == 40 and res["valid_users"] == 40 and res["valid_selection_users"] == 150
+    assert_reported(tmp_path / "few", res, "test_official")
 
 
 def learned(res) -> bool:
