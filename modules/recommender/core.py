@@ -293,16 +293,22 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
         for start in range(0, n, batch_size):
             yield slice(start, min(n, start + batch_size))
 
-    def _beam(self, history, users, beam, batch_size):
-        from modules.beam_search import beam_search
-
+    def _encoded_batches(self, history, users, batch_size):
+        """(rows, input_ids, mask) per batch of histories: their codes, with TIGER's hashed user
+        token when the layout has user buckets (user 0 where ``users`` is not given)."""
         use_user = self.layout.num_user_buckets > 0
         user_ids = np.zeros(len(history), dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64)
-        ranked, scores = [], []
         for sl in self._batches(len(history), batch_size or self.config.get("batch_size", 256)):
             user = torch.as_tensor(user_ids[sl], device=self.device) if use_user else None
             input_ids, mask = self.layout.encode_history(torch.as_tensor(history[sl], device=self.device),
                                                          self.item_codes, user)
+            yield sl, input_ids, mask
+
+    def _beam(self, history, users, beam, batch_size):
+        from modules.beam_search import beam_search
+
+        ranked, scores = [], []
+        for sl, input_ids, mask in self._encoded_batches(history, users, batch_size):
             res = beam_search(self.model, input_ids, mask, self.trie, self.layout, beam_size=beam, top_k=beam)
             ranked += res.items.cpu().tolist()
             scores += res.scores.cpu().tolist()
@@ -316,13 +322,8 @@ class GenerativeRecommender(ModelHubMixin, library_name="sidrec", tags=["recomme
 
         warm_trie, cold_trie = self.slot_tries
         slots = self.cold_slots
-        use_user = self.layout.num_user_buckets > 0
-        user_ids = np.zeros(len(history), dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64)
         ranked, scores = [], []
-        for sl in self._batches(len(history), batch_size or self.config.get("batch_size", 256)):
-            user = torch.as_tensor(user_ids[sl], device=self.device) if use_user else None
-            input_ids, mask = self.layout.encode_history(torch.as_tensor(history[sl], device=self.device),
-                                                         self.item_codes, user)
+        for sl, input_ids, mask in self._encoded_batches(history, users, batch_size):
             main = beam_search(self.model, input_ids, mask, warm_trie, self.layout,
                                beam_size=max(width + extra, beam_size), top_k=width + extra)
             cold = beam_search(self.model, input_ids, mask, cold_trie, self.layout,
