@@ -64,13 +64,13 @@ def step_seconds(models: dict, batches, amp, warmup: int = 2) -> dict[str, float
 def decoding(run: str, configs: list[str], users: int, batch: int) -> dict:
     import gin
 
-    import modules.decoder_models  # noqa: F401 - registers the gin names the run's configs bind
+    import modules.decoder_models  # noqa: F401 - registers the model configs the run's configs bind
     from data.prepare import load_dataset
     from modules.recommender import build_model, record_of
 
-    for c in configs:
-        gin.parse_config_file(c)
-    gin.finalize()
+    # The configs give the data settings (load_dataset.*); their train_decoder.* bindings are the
+    # training script's, not needed here (the model comes from the run's record).
+    gin.parse_config_files_and_bindings(configs, [], skip_unknown=["train_decoder"])  # (finalizes)
     state = torch.load(Path(run) / "best.pt", map_location="cpu", weights_only=False)
     config = record_of(Path(run) / "best.pt", state)["config"]  # the run's model config; its item codes: weights
     dataset = load_dataset()
