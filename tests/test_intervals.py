@@ -227,18 +227,27 @@ def small_dataset(cold: bool):
     return ds.with_cold_items(np.arange(num_items) % 4 == 0, {"kind": "test"}) if cold else ds
 
 
-@pytest.mark.parametrize("cold", [False, True])
-def test_report_keeps_every_test_users_rank_in_order(cold, tmp_path, capsys):
+def exact_setup(cold: bool):
+    """The small dataset, its valid / test examples, and an exact top-k evaluator over it (cold
+    items left out of the ranking under a cold split), as test_report takes it."""
     from modules.evaluation import RestrictedScores, evaluate_exact_topk
-    from modules.reporting import REPORT_KEYS, split_fingerprint, test_report
-    from modules.training import print_result
 
     ds = small_dataset(cold)
-    valid, test = ds.eval_examples("valid"), ds.eval_examples("test")
     scorer = SumScorer(ds.num_items) if not cold else RestrictedScores(SumScorer(ds.num_items), ~ds.cold)
 
     def evaluate(examples, unconstrained=False):
         return evaluate_exact_topk(scorer, examples, batch_size=7)
+
+    return ds, ds.eval_examples("valid"), ds.eval_examples("test"), scorer, evaluate
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_report_keeps_every_test_users_rank_in_order(cold, tmp_path, capsys):
+    from modules.evaluation import evaluate_exact_topk
+    from modules.reporting import REPORT_KEYS, split_fingerprint, test_report
+    from modules.training import print_result
+
+    ds, valid, test, scorer, evaluate = exact_setup(cold)
 
     report = test_report(ds, evaluate, valid, test, unconstrained=False, exact=True)
     whole = evaluate_exact_topk(scorer, test, batch_size=7, keep_ranks=True)  # all test users at once
@@ -279,15 +288,9 @@ def test_report_keeps_every_test_users_rank_in_order(cold, tmp_path, capsys):
 def test_report_max_users_tests_a_fixed_sample_and_says_so(cold):
     # bench/check_docs.py's smoke runs bind test_report.max_users: the same users as a full
     # report's ranks at those users, the cold / warm split of the sample, and "test_users".
-    from modules.evaluation import RestrictedScores, evaluate_exact_topk
     from modules.reporting import test_report
 
-    ds = small_dataset(cold)
-    valid, test = ds.eval_examples("valid"), ds.eval_examples("test")
-    scorer = SumScorer(ds.num_items) if not cold else RestrictedScores(SumScorer(ds.num_items), ~ds.cold)
-
-    def evaluate(examples, unconstrained=False):
-        return evaluate_exact_topk(scorer, examples, batch_size=7)
+    ds, valid, test, scorer, evaluate = exact_setup(cold)
 
     full = test_report(ds, evaluate, valid, test, unconstrained=False, exact=True)
     part = test_report(ds, evaluate, valid, test, unconstrained=False, exact=True, max_users=20)
